@@ -1,0 +1,1 @@
+"""Turning chat messages, images and videos into model inputs, and token ids back into text."""
