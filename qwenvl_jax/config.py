@@ -1,0 +1,362 @@
+"""Model configuration: frozen dataclasses per part, parsed from a checkpoint's config.json.
+
+One `ModelConfig` describes any family: a `TextConfig` for the decoder (shared by every family,
+Qwen-VL v1 included, with flags for the few numerics that differ), and a vision config, either
+`VisionConfig` (the native-resolution ViT of Qwen2/2.5/3-VL) or `V1VisionConfig` (the fixed 448 px
+OpenCLIP ViT plus resampler of Qwen-VL v1). `from_hf` reads the nested (text_config / vision_config)
+and the older flat config.json forms. Presets for the released checkpoints live in configs/models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwenvl_jax.errors import ConfigError
+
+FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+_MODEL_TYPE_TO_FAMILY = {
+    "qwen": "qwen_vl",
+    "qwen_vl": "qwen_vl",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
+    "qwen3_vl_moe": "qwen3_vl_moe",
+}
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    """The decoder. Defaults are those of Qwen2; families override through `from_hf`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    # Frequencies per M-RoPE axis (t, h, w); they sum to head_dim // 2.
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    mrope_interleaved: bool = False
+    attention_bias: bool = True  # bias on q/k/v (o_proj never has one)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    # Mixture of experts (Qwen3-VL-MoE); num_experts == 0 means dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
+    # Numerics that differ between the original Qwen-VL v1 code and transformers' Qwen2/3.
+    rope_in_activation_dtype: bool = True  # cos/sin cast to the activation dtype (Qwen2/3)
+    softmax_in_fp32: bool = True
+    use_dynamic_ntk: bool = False  # Qwen-VL v1
+    use_logn_attn: bool = False  # Qwen-VL v1
+    seq_length: int = 2048  # Qwen-VL v1: the trained length for NTK and logn
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (
+            self.num_experts > 0
+            and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """The native-resolution ViT of Qwen2-VL, Qwen2.5-VL and Qwen3-VL."""
+
+    kind: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
+    depth: int
+    hidden_size: int  # ViT width
+    out_hidden_size: int  # LLM width
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str  # quick_gelu | silu | gelu_pytorch_tanh
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    rope_theta: float = 10000.0
+    # Qwen2.5-VL window attention
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
+    tokens_per_second: float = 0.0
+    # Qwen3-VL learned position table and DeepStack taps
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def norm(self) -> str:
+        return "rmsnorm" if self.kind == "qwen2_5_vl" else "layernorm"
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.kind == "qwen2_5_vl"
+
+    @property
+    def patch_bias(self) -> bool:
+        return self.kind == "qwen3_vl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class V1VisionConfig:
+    """Qwen-VL v1: OpenCLIP ViT-bigG at 448 px and the 256-query cross-attention resampler."""
+
+    image_size: int = 448
+    patch_size: int = 14
+    width: int = 1664
+    layers: int = 48
+    heads: int = 16
+    mlp_ratio: float = 4.9231
+    output_dim: int = 4096
+    n_queries: int = 256
+    image_start_id: int = 151857
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    family: str
+    text: TextConfig
+    vision: VisionConfig | V1VisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        family = d["family"]
+        vcls = V1VisionConfig if family == "qwen_vl" else VisionConfig
+        return cls(
+            **{k: v for k, v in d.items() if k not in ("text", "vision")},
+            text=_build(TextConfig, d["text"]),
+            vision=_build(vcls, d["vision"]),
+        )
+
+
+def _build(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**kw)
+
+
+def family_of(hf: dict) -> str:
+    mt = hf.get("model_type")
+    if mt not in _MODEL_TYPE_TO_FAMILY:
+        raise ConfigError(
+            f"unknown model_type {mt!r} in config.json (supported: {sorted(_MODEL_TYPE_TO_FAMILY)})"
+        )
+    return _MODEL_TYPE_TO_FAMILY[mt]
+
+
+def _rope(tc: dict, top: dict) -> tuple[float, dict]:
+    """(theta, the rope dict) from rope_parameters (transformers 5) or rope_theta/rope_scaling."""
+    rp = dict(tc.get("rope_parameters") or top.get("rope_parameters") or {})
+    scaling = tc.get("rope_scaling") or top.get("rope_scaling") or {}
+    for k, v in scaling.items():
+        rp.setdefault(k, v)
+    theta = rp.get("rope_theta", tc.get("rope_theta", top.get("rope_theta")))
+    return theta, rp
+
+
+def from_hf(hf: dict) -> ModelConfig:
+    """Parse a Hugging Face config.json dict into a ModelConfig."""
+    family = family_of(hf)
+    try:
+        if family == "qwen_vl":
+            return _from_hf_v1(hf)
+        return _from_hf_modern(hf, family)
+    except KeyError as e:
+        raise ConfigError(f"config.json of a {family} model lacks the key {e.args[0]!r}") from None
+
+
+def _from_hf_modern(hf: dict, family: str) -> ModelConfig:
+    # Qwen2/2.5 hub configs are flat (text keys at the top); transformers 5 nests text_config.
+    tc = dict(hf)
+    tc.update(hf.get("text_config") or {})
+    vc = hf["vision_config"]
+    theta, rp = _rope(tc, hf)
+    heads = tc["num_attention_heads"]
+    head_dim = tc.get("head_dim") or tc["hidden_size"] // heads
+    qwen3 = family.startswith("qwen3")
+    moe = family == "qwen3_vl_moe"
+    default_theta = 5e5 if qwen3 else 1e6
+    text = TextConfig(
+        vocab_size=tc["vocab_size"],
+        hidden_size=tc["hidden_size"],
+        intermediate_size=tc["intermediate_size"],
+        num_hidden_layers=tc["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=tc.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=tc.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta if theta is not None else default_theta),
+        mrope_section=tuple(rp.get("mrope_section") or ((24, 20, 20) if qwen3 else (16, 24, 24))),
+        mrope_interleaved=qwen3,
+        attention_bias=bool(tc.get("attention_bias", not qwen3)),
+        qk_norm=qwen3,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
+        max_position_embeddings=tc.get("max_position_embeddings", 32768),
+        num_experts=(tc.get("num_experts") or tc.get("num_local_experts") or 0) if moe else 0,
+        num_experts_per_tok=tc.get("num_experts_per_tok", 0) if moe else 0,
+        moe_intermediate_size=tc.get("moe_intermediate_size", 0) if moe else 0,
+        decoder_sparse_step=tc.get("decoder_sparse_step", 1),
+        mlp_only_layers=tuple(tc.get("mlp_only_layers") or ()),
+        router_aux_loss_coef=tc.get("router_aux_loss_coef", 0.001),
+    )
+    kind = "qwen3_vl" if qwen3 else family
+    if kind == "qwen2_vl":
+        width = vc.get("embed_dim", 1280)
+        vision = VisionConfig(
+            kind=kind,
+            depth=vc["depth"],
+            hidden_size=width,
+            out_hidden_size=vc.get("hidden_size", text.hidden_size),
+            num_heads=vc["num_heads"],
+            intermediate_size=int(width * vc.get("mlp_ratio", 4)),
+            hidden_act=vc.get("hidden_act", "quick_gelu"),
+            **_vision_common(vc),
+        )
+    else:
+        vision = VisionConfig(
+            kind=kind,
+            depth=vc["depth"],
+            hidden_size=vc["hidden_size"],
+            out_hidden_size=vc.get("out_hidden_size", text.hidden_size),
+            num_heads=vc["num_heads"],
+            intermediate_size=vc["intermediate_size"],
+            hidden_act=vc.get("hidden_act", "gelu_pytorch_tanh" if qwen3 else "silu"),
+            window_size=vc.get("window_size", 112) if kind == "qwen2_5_vl" else 0,
+            fullatt_block_indexes=tuple(vc.get("fullatt_block_indexes") or ()),
+            tokens_per_second=float(vc.get("tokens_per_second", 2)) if kind == "qwen2_5_vl" else 0.0,
+            num_position_embeddings=vc.get("num_position_embeddings", 2304) if qwen3 else 0,
+            deepstack_visual_indexes=tuple(vc.get("deepstack_visual_indexes") or ()),
+            **_vision_common(vc),
+        )
+    return ModelConfig(
+        family=family,
+        text=text,
+        vision=vision,
+        image_token_id=hf.get("image_token_id", 151655),
+        video_token_id=hf.get("video_token_id", 151656),
+        vision_start_token_id=hf.get("vision_start_token_id", 151652),
+        vision_end_token_id=hf.get("vision_end_token_id", 151653),
+    )
+
+
+def _vision_common(vc: dict) -> dict:
+    rp = vc.get("rope_parameters") or {}
+    return dict(
+        patch_size=vc.get("patch_size", vc.get("spatial_patch_size", 14)),
+        temporal_patch_size=vc.get("temporal_patch_size", 2),
+        spatial_merge_size=vc.get("spatial_merge_size", 2),
+        in_channels=vc.get("in_channels", vc.get("in_chans", 3)),
+        rope_theta=float(rp.get("rope_theta", 10000.0)),
+    )
+
+
+def _from_hf_v1(hf: dict) -> ModelConfig:
+    v = hf["visual"]
+    heads = hf["num_attention_heads"]
+    text = TextConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"] // 2,
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hf.get("kv_channels") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        rope_theta=float(hf.get("rotary_emb_base", 10000)),
+        mrope_section=(hf.get("kv_channels", 128) // 2, 0, 0),
+        attention_bias=True,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        rope_in_activation_dtype=False,
+        softmax_in_fp32=False,
+        use_dynamic_ntk=bool(hf.get("use_dynamic_ntk", False)),
+        use_logn_attn=bool(hf.get("use_logn_attn", False)),
+        seq_length=hf.get("seq_length", 2048),
+    )
+    vision = V1VisionConfig(
+        image_size=v.get("image_size", 448),
+        patch_size=v.get("patch_size", 14),
+        width=v["width"],
+        layers=v["layers"],
+        heads=v["heads"],
+        mlp_ratio=v["mlp_ratio"],
+        output_dim=v["output_dim"],
+        n_queries=v.get("n_queries", 256),
+        image_start_id=v.get("image_start_id", 151857),
+    )
+    return ModelConfig(family="qwen_vl", text=text, vision=vision)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """A ModelConfig from a checkpoint folder, a config.json, or a preset name."""
+    p = Path(path)
+    if not p.exists() and (PRESET_DIR / f"{path}.json").exists():
+        return ModelConfig.from_dict(json.loads((PRESET_DIR / f"{path}.json").read_text()))
+    cfg_file = p / "config.json" if p.is_dir() else p
+    if not cfg_file.is_file():
+        raise ConfigError(f"{path}: no config.json (not a checkpoint folder nor a preset name)")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    if "family" in d and "text" in d:  # our own format (presets, `convert` output)
+        return ModelConfig.from_dict(d)
+    return from_hf(d)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+__all__ = [
+    "FAMILIES",
+    "ModelConfig",
+    "TextConfig",
+    "V1VisionConfig",
+    "VisionConfig",
+    "family_of",
+    "from_hf",
+    "load_config",
+    "presets",
+]

@@ -1,0 +1,1 @@
+"""Building blocks shared by every family: linear layers, norms, attention, RoPE, MLPs, MoE."""

@@ -1,0 +1,120 @@
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: vision tower + decoder + lm_head.
+
+`__call__` takes the arrays a Hugging Face processor returns and gives logits; it computes the
+host-side metadata (M-RoPE positions, the vision batch) and runs `forward`, the pure-array function
+that jitted prefill, decoding and training call directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.config import ModelConfig
+from qwenvl_jax.layers.linear import Linear
+from qwenvl_jax.models.mrope import get_rope_index
+from qwenvl_jax.models.text import KVCache, TextModel
+from qwenvl_jax.models.vision import VisionTower
+from qwenvl_jax.models.vision_inputs import VisionBatch, make_vision_batch
+from qwenvl_jax.sharding import shard
+
+
+def scatter_vision(
+    embeds: jax.Array, ids: jax.Array, token_id: int, features: jax.Array, offset: jax.Array | int
+) -> jax.Array:
+    """Write features[offset + k] at the k-th position (row-major over the batch) where ids ==
+    token_id. embeds: float[B, T, D] (or [n, B, T, D] with features [n, N, D])."""
+    hit = ids == token_id
+    k = jnp.cumsum(hit.reshape(-1)).reshape(hit.shape) - 1 + offset
+    k = jnp.clip(k, 0, features.shape[-2] - 1)
+    gathered = jnp.take(features, k, axis=-2).astype(embeds.dtype)
+    return jnp.where(hit[..., None], gathered, embeds)
+
+
+class QwenVLForConditionalGeneration(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
+        self.config = config
+        self.family = config.family
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.visual = VisionTower(config.vision, **kw)
+        self.language_model = TextModel(config.text, **kw)
+        t = config.text
+        self.lm_head = None if t.tie_word_embeddings else Linear(
+            t.hidden_size, t.vocab_size, axes=("embed", "vocab"), **kw)
+
+    # ----------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        mm_token_type_ids=None,
+    ) -> jax.Array:
+        """Logits float[B, T, vocab] for the inputs a Hugging Face processor returns."""
+        del mm_token_type_ids  # the token ids say the same
+        ids = np.asarray(input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        positions, _ = get_rope_index(self.config, ids, mask, image_grid_thw, video_grid_thw,
+                                      second_per_grid_ts)
+        vision = make_vision_batch(self.config.vision, pixel_values, image_grid_thw,
+                                   pixel_values_videos, video_grid_thw)
+        return self.forward(jnp.asarray(ids), jnp.asarray(mask, jnp.int32),
+                            jnp.asarray(positions), vision)[0]
+
+    def embed(self, input_ids: jax.Array, vision: VisionBatch | None
+              ) -> tuple[jax.Array, jax.Array | None]:
+        """Text embeddings with the vision features written in; DeepStack features scattered to
+        float[n, B, T, D] (None without DeepStack or vision)."""
+        cfg = self.config
+        x = self.language_model.embed_tokens(input_ids)
+        if vision is None:
+            return x, None
+        feats, deep = self.visual(vision)
+        off = jnp.asarray(vision.video_offset)
+        x = scatter_vision(x, input_ids, cfg.image_token_id, feats, 0)
+        x = scatter_vision(x, input_ids, cfg.video_token_id, feats, off)
+        ds = None
+        if deep is not None:
+            zeros = jnp.zeros((deep.shape[0], *x.shape), x.dtype)
+            ds = scatter_vision(zeros, input_ids, cfg.image_token_id, deep, 0)
+            ds = scatter_vision(ds, input_ids, cfg.video_token_id, deep, off)
+        return x, ds
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            out = self.language_model.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return shard(out, ("batch", "length", "act_vocab"))
+
+    def forward(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array,
+        position_ids: jax.Array,
+        vision: VisionBatch | None = None,
+        *,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int | None = None,
+        slots: jax.Array | None = None,
+        ntk_alpha: float = 1.0,
+        return_router_logits: bool = False,
+    ):
+        """input_ids int[B, T]; segment_ids int[B, T] (0 = padding); position_ids int[3, B, T].
+        Returns (logits float[B, T, vocab], updated cache, router logits list)."""
+        del ntk_alpha  # the Qwen2/3 decoders have no dynamic NTK
+        x, deepstack = self.embed(input_ids, vision)
+        hidden, cache, router = self.language_model(
+            x, position_ids, segment_ids, slots=slots, cache=cache, cache_index=cache_index,
+            deepstack=deepstack)
+        return self.logits(hidden), cache, router

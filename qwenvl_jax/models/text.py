@@ -1,0 +1,194 @@
+"""The decoder shared by every family: Qwen-7B (Qwen-VL v1), Qwen2, Qwen3 and Qwen3-MoE.
+
+Families differ only through TextConfig: q/k/v bias (Qwen2, v1), per-head q/k RMSNorm (Qwen3), MoE
+layers (Qwen3-MoE), M-RoPE layout, and the v1 numerics (rotary in float32, dynamic NTK, logn
+attention). A KV cache is passed in and returned functionally: per layer (k, v) float[B, S, K, hd],
+with one int[B, S] segment-id row per batch that marks the written, non-padded slots.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenvl_jax.config import TextConfig
+from qwenvl_jax.layers.attention import dot_product_attention
+from qwenvl_jax.layers.linear import Embed, Linear
+from qwenvl_jax.layers.mlp import GatedMLP
+from qwenvl_jax.layers.moe import SparseMoE
+from qwenvl_jax.layers.norms import RMSNorm
+from qwenvl_jax.layers.rope import apply_rope, inv_freq, mrope_axes, rope_angles
+from qwenvl_jax.sharding import shard
+
+
+class KVCache(NamedTuple):
+    """k, v: float[L, B, S, K, hd]; segment_ids: int[B, S] (0 = empty or padding)."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: TextConfig, batch: int, length: int, dtype: Any) -> KVCache:
+        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, length), jnp.int32))
+
+
+def ntk_alpha(length: int, seq_length: int) -> float:
+    """Qwen-VL v1 dynamic NTK: 1 up to seq_length tokens, then 3, 7, 15, ..."""
+    ratio = math.log(length / seq_length, 2) + 1 if length > 0 else 0
+    return max(2 ** math.ceil(ratio) - 1, 1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
+        self.cfg = cfg
+        D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(D, H * hd, axes=("embed", "heads"), bias=cfg.attention_bias, **kw)
+        self.k_proj = Linear(D, K * hd, axes=("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
+        self.v_proj = Linear(D, K * hd, axes=("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(H * hd, D, axes=("heads", "embed"), **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, angles, segment_ids, slots, layer_cache, cache_segment_ids, cache_index):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        hd = cfg.head_dim
+        q = self.q_proj(x).reshape(B, T, cfg.num_attention_heads, hd)
+        k = self.k_proj(x).reshape(B, T, cfg.num_key_value_heads, hd)
+        v = self.v_proj(x).reshape(B, T, cfg.num_key_value_heads, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        in_fp32 = not cfg.rope_in_activation_dtype
+        q = apply_rope(q, angles, in_fp32=in_fp32)
+        k = apply_rope(k, angles, in_fp32=in_fp32)
+        if cfg.use_logn_attn:
+            p = slots.astype(jnp.float32) + 1
+            scale = jnp.where(p > cfg.seq_length, jnp.log(p) / math.log(cfg.seq_length), 1.0)
+            q = q * scale[:, :, None, None].astype(q.dtype)
+        q = shard(q, ("batch", "length", "act_heads", None))
+        if layer_cache is None:
+            keys, values, kv_seg, kv_slots, new_cache = k, v, segment_ids, slots, None
+        else:
+            # Write this step's k/v into the stacked cache in place (it is donated by callers).
+            k_all, v_all, i = layer_cache
+            at = (i, 0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            keys, values = k_all[i], v_all[i]
+            kv_seg = cache_segment_ids
+            kv_slots = jnp.broadcast_to(jnp.arange(keys.shape[1]), kv_seg.shape)
+            new_cache = (k_all, v_all)
+        out = dot_product_attention(
+            q, keys.astype(q.dtype), values.astype(q.dtype),
+            q_segment_ids=segment_ids, kv_segment_ids=kv_seg, causal=True,
+            q_positions=slots, kv_positions=kv_slots, softmax_in_fp32=cfg.softmax_in_fp32,
+        )
+        return self.o_proj(out.reshape(B, T, -1)), new_cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, index: int, *, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs | None):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                       param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                                param_dtype=param_dtype, rngs=rngs)
+        if cfg.is_moe_layer(index):
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                                 cfg.num_experts_per_tok, **kw)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+
+    def __call__(self, x, angles, segment_ids, slots, layer_cache=None, cache_segment_ids=None,
+                 cache_index=None):
+        with jax.named_scope("attention"):
+            a, new_cache = self.self_attn(self.input_layernorm(x), angles, segment_ids, slots,
+                                          layer_cache, cache_segment_ids, cache_index)
+        x = x + a
+        with jax.named_scope("mlp"):
+            m = self.mlp(self.post_attention_layernorm(x))
+        router_logits = None
+        if isinstance(m, tuple):
+            m, router_logits = m
+        x = shard(x + m, ("batch", "length", "act_embed"))
+        return x, new_cache, router_logits
+
+
+class TextModel(nnx.Module):
+    """Embeddings, decoder layers and the final norm. `lm_head` lives on the top-level model."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([
+            DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for i in range(cfg.num_hidden_layers)
+        ])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype,
+                            rngs=rngs)
+
+    def rope(self, position_ids: jax.Array, alpha: float = 1.0) -> jax.Array:
+        """position_ids: int[3, B, T] -> angles float32[B, T, head_dim/2]."""
+        cfg = self.cfg
+        theta = cfg.rope_theta
+        if alpha != 1.0:
+            theta = theta * alpha ** (cfg.head_dim / (cfg.head_dim - 2))
+        freqs = inv_freq(cfg.head_dim, theta)
+        return rope_angles(position_ids, freqs, mrope_axes(cfg.mrope_section, cfg.mrope_interleaved))
+
+    def __call__(
+        self,
+        embeds: jax.Array,
+        position_ids: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        slots: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int | None = None,
+        deepstack: jax.Array | None = None,
+        ntk_alpha: float = 1.0,
+    ) -> tuple[jax.Array, KVCache | None, list[jax.Array]]:
+        """embeds: float[B, T, D]; position_ids: int[3, B, T] (rotary positions);
+        segment_ids: int[B, T] (0 = padding; packed samples get distinct ids);
+        slots: int[B, T] the cache slot / causal index of each token (default arange + cache_index);
+        deepstack: float[n, B, T, D] added after decoder layers 0..n-1 (zero at text positions).
+        Returns (hidden float[B, T, D] after the final norm, the updated cache, router logits).
+        """
+        B, T, _ = embeds.shape
+        x = shard(embeds.astype(self.dtype), ("batch", "length", "act_embed"))
+        angles = self.rope(position_ids, ntk_alpha)
+        start = 0 if cache_index is None else cache_index
+        if slots is None:
+            slots = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        cache_seg = None
+        if cache is not None:
+            cache_seg = jax.lax.dynamic_update_slice_in_dim(
+                cache.segment_ids, segment_ids.astype(jnp.int32), start, axis=1)
+        kv = None if cache is None else (cache.k, cache.v)
+        router = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if kv is None else (*kv, i)
+            with jax.named_scope(f"layer_{i}"):
+                x, kv, rl = layer(x, angles, segment_ids, slots, layer_cache, cache_seg, start)
+            if deepstack is not None and i < deepstack.shape[0]:
+                x = x + deepstack[i].astype(x.dtype)
+            if rl is not None:
+                router.append(rl)
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], cache_seg)
+        return self.norm(x), new_cache, router

@@ -1,0 +1,138 @@
+"""The native-resolution vision towers of Qwen2-VL, Qwen2.5-VL and Qwen3-VL, and their mergers.
+
+One `VisionTower` serves the three: Qwen2-VL (LayerNorm, quick-GELU MLP), Qwen2.5-VL (RMSNorm,
+SwiGLU, window attention with a few full layers), Qwen3-VL (learned position table resampled
+bilinearly, tanh-GELU, DeepStack taps). Attention is block-diagonal through segment ids; the grids'
+metadata comes precomputed in a `VisionBatch` (models/vision_inputs.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.config import VisionConfig
+from qwenvl_jax.layers.attention import dot_product_attention
+from qwenvl_jax.layers.linear import Linear
+from qwenvl_jax.layers.mlp import MLP, GatedMLP
+from qwenvl_jax.layers.norms import LayerNorm, make_norm
+from qwenvl_jax.layers.rope import apply_rope, inv_freq, rope_angles
+from qwenvl_jax.models.vision_inputs import VisionBatch
+from qwenvl_jax.sharding import normal, param, shard
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
+        D = cfg.hidden_size
+        self.heads = cfg.num_heads
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = Linear(D, 3 * D, axes=("vit_embed", "vit_heads"), **kw)
+        self.proj = Linear(D, D, axes=("vit_heads", "vit_embed"), **kw)
+
+    def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """x: float[N, D]; angles: float32[N, hd/2]; segment_ids: int[N]."""
+        N, D = x.shape
+        qkv = self.qkv(x).reshape(N, 3, self.heads, D // self.heads)
+        q, k, v = (qkv[None, :, i] for i in range(3))
+        q = apply_rope(q, angles[None], in_fp32=True)
+        k = apply_rope(k, angles[None], in_fp32=True)
+        seg = segment_ids[None]
+        out = dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=False)
+        return self.proj(out.reshape(N, D))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
+        D = cfg.hidden_size
+        nkw = dict(eps=1e-6, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = make_norm(cfg.norm, D, **nkw)
+        self.norm2 = make_norm(cfg.norm, D, **nkw)
+        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        mkw = dict(act=cfg.hidden_act, bias=True, axes=("vit_embed", "vit_mlp"), dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
+        if cfg.gated_mlp:
+            self.mlp = GatedMLP(D, cfg.intermediate_size, **mkw)
+        else:
+            self.mlp = MLP(D, cfg.intermediate_size, **mkw)
+
+    def __call__(self, x, angles, segment_ids):
+        x = x + self.attn(self.norm1(x), angles, segment_ids)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """Norm, then every m x m patches concatenated (4D), fc1, exact GELU, fc2 to the LLM width.
+    `postshuffle` (Qwen3 DeepStack) normalises after the concatenation instead of before."""
+
+    def __init__(self, cfg: VisionConfig, *, postshuffle: bool = False, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs | None):
+        D = cfg.hidden_size
+        self.unit = cfg.spatial_merge_size**2
+        wide = D * self.unit
+        self.postshuffle = postshuffle
+        nkw = dict(eps=1e-6, param_dtype=param_dtype, rngs=rngs)
+        if postshuffle:
+            self.norm = LayerNorm(wide, **nkw)
+        else:
+            self.norm = make_norm(cfg.norm, D, **nkw)
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Linear(wide, wide, axes=("vit_merge", "vit_mlp"), **kw)
+        self.fc2 = Linear(wide, cfg.out_hidden_size, axes=("vit_mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: float[N, D] -> float[N / m^2, out]."""
+        if self.postshuffle:
+            x = self.norm(x.reshape(-1, x.shape[-1] * self.unit))
+        else:
+            x = self.norm(x).reshape(-1, x.shape[-1] * self.unit)
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
+        self.cfg = cfg
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Conv3d with kernel = stride = (T, P, P) is a Linear over the flattened (C, T, P, P) patch.
+        self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, axes=("vit_patch", "vit_embed"),
+                                  bias=cfg.patch_bias, **kw)
+        if cfg.num_position_embeddings:
+            self.pos_embed = param(rngs, normal(), (cfg.num_position_embeddings, cfg.hidden_size),
+                                   param_dtype, ("vit_pos", "vit_embed"))
+        else:
+            self.pos_embed = None
+        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, **kw)
+        self.deepstack_merger_list = nnx.List([
+            PatchMerger(cfg, postshuffle=True, **kw) for _ in cfg.deepstack_visual_indexes
+        ])
+
+    def __call__(self, batch: VisionBatch) -> tuple[jax.Array, jax.Array | None]:
+        """Returns (merged tokens float[N/m^2, out] in raster order, DeepStack features
+        float[n_deepstack, N/m^2, out] or None)."""
+        cfg = self.cfg
+        x = self.patch_embed(jnp.asarray(batch.pixels))
+        if self.pos_embed is not None:
+            table = jnp.take(self.pos_embed[...].astype(jnp.float32), batch.interp_idx, axis=0)
+            x = x + jnp.sum(table * batch.interp_w[..., None], axis=1).astype(x.dtype)
+        x = shard(x[batch.perm], ("vit_tokens", None))
+        hd = cfg.head_dim
+        freqs = np.tile(inv_freq(hd // 2, cfg.rope_theta), 2)  # (h then w) x hd/4 frequencies
+        angles = rope_angles(batch.pos_hw, freqs, np.repeat(np.arange(2), hd // 4))
+        windowed = cfg.kind == "qwen2_5_vl"
+        deepstack = []
+        for i, block in enumerate(self.blocks):
+            full = not windowed or i in cfg.fullatt_block_indexes
+            seg = batch.segment_ids if full else batch.window_segment_ids
+            with jax.named_scope(f"vit_block_{i}"):
+                x = block(x, angles, seg)
+            if i in cfg.deepstack_visual_indexes:
+                j = cfg.deepstack_visual_indexes.index(i)
+                deepstack.append(self.deepstack_merger_list[j](x)[batch.unperm])
+        merged = self.merger(x)[batch.unperm]
+        return merged, (jnp.stack(deepstack) if deepstack else None)

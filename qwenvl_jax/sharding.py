@@ -1,0 +1,183 @@
+"""Logical-axis sharding: the one rules table, and how parameters and activations use it.
+
+Every parameter is created with logical axis names (`param(...)` below); `RULES` maps each logical
+name to mesh axes of a `Mesh(data, fsdp, tensor, expert)`. Vision axes are named apart from text
+axes so that the ViT can shard differently from the LLM. A rule that would put one mesh axis on two
+dimensions of one array raises; a dimension that does not divide by its mesh axes is replicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axes (a name, a tuple of names, or None for replicated)
+RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vit_tokens", ("data", "fsdp")),
+    # text parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("experts", "expert"),
+    ("expert_embed", "fsdp"),
+    ("expert_mlp", "tensor"),
+    ("router", None),
+    ("norm", None),
+    # vision parameters
+    ("vit_patch", None),
+    ("vit_embed", "fsdp"),
+    ("vit_heads", "tensor"),
+    ("vit_mlp", "tensor"),
+    ("vit_merge", "tensor"),
+    ("vit_pos", None),
+    ("vit_queries", None),
+)
+
+_rules_var: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("rules", default=None)
+_mesh_var: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1, devices=None
+) -> Mesh:
+    """A Mesh over (data, fsdp, tensor, expert); the product must equal the device count."""
+    devices = jax.devices() if devices is None else devices
+    shape = (data, fsdp, tensor, expert)
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {np.prod(shape)} devices, "
+                         f"{len(devices)} available")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: Sequence | None = None) -> Iterator[None]:
+    """Within this context, `shard` constraints and model construction use `mesh` and `rules`."""
+    t1 = _mesh_var.set(mesh)
+    t2 = _rules_var.set(tuple(rules) if rules is not None else None)
+    try:
+        yield
+    finally:
+        _mesh_var.reset(t1)
+        _rules_var.reset(t2)
+
+
+def current_mesh() -> Mesh | None:
+    return _mesh_var.get()
+
+
+def current_rules() -> tuple:
+    return _rules_var.get() or RULES
+
+
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+    rules: Sequence | None = None,
+) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec, dropping mesh axes absent from or of size 1 in
+    `mesh`, and replicating a dimension its mesh axes do not divide."""
+    table = dict(rules or current_rules())
+    used: dict[str, int] = {}
+    out = []
+    for i, name in enumerate(axes):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule")
+        target = table[name]
+        targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        if mesh is not None:
+            targets = tuple(t for t in targets if t in mesh.shape and mesh.shape[t] > 1)
+            if shape is not None and targets:
+                size = int(np.prod([mesh.shape[t] for t in targets]))
+                if shape[i] % size:
+                    log.debug("axis %s (%d) not divisible by %s: replicated", name, shape[i], targets)
+                    targets = ()
+        for t in targets:
+            if t in used:
+                raise ValueError(
+                    f"mesh axis {t!r} used twice in logical axes {tuple(axes)} "
+                    f"(dims {used[t]} and {i})"
+                )
+            used[t] = i
+        out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+    return PartitionSpec(*out)
+
+
+def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def shard(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation to its logical sharding when a mesh is active; else a no-op."""
+    mesh = current_mesh()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh))
+
+
+Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+
+
+def param(
+    rngs: nnx.Rngs | None,
+    init: Initializer,
+    shape: Sequence[int],
+    dtype: Any,
+    axes: Sequence[str | None],
+) -> nnx.Param:
+    """A parameter with its logical axes attached as `sharding_axes` metadata."""
+    assert len(axes) == len(shape), (shape, axes)
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    value = init(key, tuple(shape), dtype)
+    return nnx.Param(value, sharding_axes=tuple(axes), eager_sharding=False)
+
+
+def normal(std: float = 0.02) -> Initializer:
+    return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
+    meta = variable.get_metadata()
+    return tuple(meta.get("sharding_axes") or (None,) * len(variable.shape))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """A NamedSharding for every Variable of an (abstract or concrete) state."""
+
+    def one(v):
+        return v.replace(named_sharding(axes_of(v), v.shape, mesh))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
