@@ -7,7 +7,7 @@ that jitted prefill, decoding and training call directly.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,23 @@ from qwenvl_jax.models.text import KVCache, TextModel
 from qwenvl_jax.models.vision import VisionTower
 from qwenvl_jax.models.vision_inputs import VisionBatch, make_vision_batch
 from qwenvl_jax.sharding import shard
+
+
+class ModelInputs(NamedTuple):
+    """What `forward` takes, prepared on the host from processor outputs (see `prepare`).
+
+    input_ids int[B, T]; segment_ids int[B, T] (0 = padding); position_ids int[3, B, T];
+    vision: the family's vision input (VisionBatch, or pixel values for Qwen-VL v1) or None;
+    next_position int[B]: the rotary position of the first generated token (decode step s uses
+    next_position + s on every axis); ntk_alpha: Qwen-VL v1's dynamic NTK factor (1.0 otherwise).
+    """
+
+    input_ids: np.ndarray
+    segment_ids: np.ndarray
+    position_ids: np.ndarray
+    vision: Any
+    next_position: np.ndarray
+    ntk_alpha: float = 1.0
 
 
 def scatter_vision(
@@ -61,15 +78,35 @@ class QwenVLForConditionalGeneration(nnx.Module):
         mm_token_type_ids=None,
     ) -> jax.Array:
         """Logits float[B, T, vocab] for the inputs a Hugging Face processor returns."""
+        x = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw,
+                         pixel_values_videos, video_grid_thw, second_per_grid_ts, mm_token_type_ids)
+        return self.forward(jnp.asarray(x.input_ids), jnp.asarray(x.segment_ids),
+                            jnp.asarray(x.position_ids), x.vision)[0]
+
+    def prepare(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        mm_token_type_ids=None,
+        *,
+        patch_bucket: int | None = None,
+    ) -> ModelInputs:
+        """Host-side preparation: M-RoPE positions and the padded vision batch (to
+        `patch_bucket` patches, default the next power of two)."""
         del mm_token_type_ids  # the token ids say the same
         ids = np.asarray(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        positions, _ = get_rope_index(self.config, ids, mask, image_grid_thw, video_grid_thw,
-                                      second_per_grid_ts)
+        positions, deltas = get_rope_index(self.config, ids, mask, image_grid_thw,
+                                           video_grid_thw, second_per_grid_ts)
         vision = make_vision_batch(self.config.vision, pixel_values, image_grid_thw,
-                                   pixel_values_videos, video_grid_thw)
-        return self.forward(jnp.asarray(ids), jnp.asarray(mask, jnp.int32),
-                            jnp.asarray(positions), vision)[0]
+                                   pixel_values_videos, video_grid_thw, pad_to=patch_bucket)
+        return ModelInputs(ids.astype(np.int32), mask.astype(np.int32), positions, vision,
+                           (deltas + ids.shape[1]).astype(np.int32))
 
     def embed(self, input_ids: jax.Array, vision: VisionBatch | None
               ) -> tuple[jax.Array, jax.Array | None]:
