@@ -45,6 +45,40 @@ def _token_content(value: Any) -> str | None:
     return value
 
 
+def _load_backend(
+    file: Path, added_tokens: Mapping[str, Mapping[str, Any]] | None, special: Sequence[str]
+) -> tokenizers.Tokenizer:
+    """tokenizer.json as a `tokenizers.Tokenizer`. Like transformers 5, the added tokens are those
+    of tokenizer_config.json's `added_tokens_decoder` when it has one (tokenizer.json's own list
+    is then replaced), and every special token is an added special token."""
+    try:
+        if not added_tokens:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        else:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+            data["added_tokens"] = [
+                {
+                    "id": int(token_id),
+                    "content": entry["content"],
+                    "single_word": entry.get("single_word", False),
+                    "lstrip": entry.get("lstrip", False),
+                    "rstrip": entry.get("rstrip", False),
+                    "normalized": entry.get("normalized", not entry.get("special", False)),
+                    "special": entry.get("special", False),
+                }
+                for token_id, entry in sorted(added_tokens.items(), key=lambda kv: int(kv[0]))
+            ]
+            backend = tokenizers.Tokenizer.from_str(json.dumps(data))
+    except Exception as e:
+        raise CheckpointError(f"cannot load {file}: {e}") from None
+    known = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    missing = [t for t in dict.fromkeys(special) if t not in known]
+    if missing:
+        backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in missing])
+    return backend
+
+
 class TextTokenizer:
     """A `tokenizers.Tokenizer` plus the settings HF keeps in tokenizer_config.json."""
 
@@ -76,10 +110,6 @@ class TextTokenizer:
         file = path / "tokenizer.json"
         if not file.is_file():
             raise CheckpointError(f"no tokenizer.json in {path}")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as e:
-            raise CheckpointError(f"cannot load {file}: {e}") from None
         config = read_json(path / "tokenizer_config.json") or {}
         legacy = read_json(path / "special_tokens_map.json") or {}
         special = {}
@@ -88,21 +118,10 @@ class TextTokenizer:
                 special[key] = _token_content(config[key])
             elif key in legacy:
                 special[key] = _token_content(legacy[key])
-        missing = []
-        for entry in (config.get("added_tokens_decoder") or {}).values():
-            if backend.token_to_id(entry["content"]) is None:
-                missing.append(
-                    tokenizers.AddedToken(
-                        entry["content"],
-                        single_word=entry.get("single_word", False),
-                        lstrip=entry.get("lstrip", False),
-                        rstrip=entry.get("rstrip", False),
-                        normalized=entry.get("normalized", False),
-                        special=entry.get("special", False),
-                    )
-                )
-        if missing:
-            backend.add_tokens(missing)
+        extra = config.get("additional_special_tokens") or legacy.get("additional_special_tokens")
+        special_strings = [v for v in special.values() if v is not None]
+        special_strings += [_token_content(t) for t in extra or []]
+        backend = _load_backend(file, config.get("added_tokens_decoder"), special_strings)
         return cls(
             backend,
             special_tokens=special,
