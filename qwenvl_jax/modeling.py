@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from qwenvl_jax.config import ModelConfig, load_config
 from qwenvl_jax.errors import CheckpointError
-from qwenvl_jax.sharding import state_shardings
+from qwenvl_jax.sharding import abstract_params, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def build_model(
     dtype = as_dtype(dtype)
     param_dtype = as_dtype(param_dtype) if param_dtype is not None else dtype
     make = _maker(config, dtype, param_dtype, seed)
-    abs_model = nnx.eval_shape(make)
+    with abstract_params():
+        abs_model = make()
     graphdef, abs_state = nnx.split(abs_model)
     shardings = state_shardings(abs_state, mesh or _default_mesh())
     if abstract:

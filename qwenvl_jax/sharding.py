@@ -57,6 +57,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("vit_queries", None),
 )
 
+_abstract_var: contextvars.ContextVar[bool] = contextvars.ContextVar("abstract", default=False)
 _rules_var: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("rules", default=None)
 _mesh_var: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
 
@@ -83,6 +84,17 @@ def use_mesh(mesh: Mesh | None, rules: Sequence | None = None) -> Iterator[None]
     finally:
         _mesh_var.reset(t1)
         _rules_var.reset(t2)
+
+
+@contextlib.contextmanager
+def abstract_params() -> Iterator[None]:
+    """Within this context `param` creates ShapeDtypeStruct values: building a model only
+    describes it (no initialiser is traced or run), which takes a moment even for 235B."""
+    token = _abstract_var.set(True)
+    try:
+        yield
+    finally:
+        _abstract_var.reset(token)
 
 
 def current_mesh() -> Mesh | None:
@@ -152,6 +164,9 @@ def param(
 ) -> nnx.Param:
     """A parameter with its logical axes attached as `sharding_axes` metadata."""
     assert len(axes) == len(shape), (shape, axes)
+    if _abstract_var.get():
+        return nnx.Param(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)),
+                         sharding_axes=tuple(axes), eager_sharding=False)
     key = rngs.params() if rngs is not None else jax.random.key(0)
     value = init(key, tuple(shape), dtype)
     return nnx.Param(value, sharding_axes=tuple(axes), eager_sharding=False)
