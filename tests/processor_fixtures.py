@@ -252,10 +252,23 @@ class ReferenceVideoProcessor:
         }
 
 
+_HF_TOKENIZERS: dict[bytes, object] = {}
+
+
+def _hf_tokenizer(folder: Path):
+    """HF's tokenizer of a folder, built once per distinct tokenizer_config.json (the slow part
+    of building a reference processor; the tokenizer files are the same in every folder)."""
+    from transformers import AutoTokenizer
+
+    key = (folder / "tokenizer_config.json").read_bytes()
+    if key not in _HF_TOKENIZERS:
+        _HF_TOKENIZERS[key] = AutoTokenizer.from_pretrained(folder)
+    return _HF_TOKENIZERS[key]
+
+
 def hf_processor(family: str, folder: Path):
     """HF's processor class of `family`, built from the folder's tokenizer, chat template and
     PIL image processor, with `ReferenceVideoProcessor` for videos."""
-    from transformers import AutoTokenizer
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
@@ -273,7 +286,7 @@ def hf_processor(family: str, folder: Path):
     template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
     return Reference(
         image_processor=hf_image_processor(folder),
-        tokenizer=AutoTokenizer.from_pretrained(folder),
+        tokenizer=_hf_tokenizer(folder),
         video_processor=ReferenceVideoProcessor(family, folder),
         chat_template=template,
     )

@@ -341,16 +341,18 @@ class Processor:
             image_pads = [IMAGE_TOKEN * (int(g.prod()) // merge) for g in out["image_grid_thw"]]
         video_pads = []
         if videos:
-            out.update(self._process_videos(videos, video_pads))
+            video_features, video_pads = self._process_videos(videos)
+            out.update(video_features)
 
         expanded = self._expand_placeholders(texts, image_pads, video_pads)
         out = {**self._tokenize(expanded, padding_side or self.padding_side), **out}
         return out
 
-    def _process_videos(self, videos: list, pads: list[str]) -> dict[str, Any]:
+    def _process_videos(self, videos: list) -> tuple[dict[str, Any], list[str]]:
+        """Video features, and the text each video's placeholder expands to."""
         cfg = self.video_config
         tps, merge = cfg.vision.temporal_patch_size, cfg.vision.merge_size**2
-        patches, grids, seconds_per_grid = [], [], []
+        patches, grids, seconds_per_grid, pads = [], [], [], []
         for video in videos:
             request = dict(video) if isinstance(video, Mapping) else {"video": video}
             frames = load_video(
@@ -367,7 +369,7 @@ class Processor:
         }
         if self.family == "qwen2_5_vl":
             out["second_per_grid_ts"] = seconds_per_grid
-        return out
+        return out, pads
 
     def _video_placeholder(
         self, frames: VideoFrames, grid: tuple[int, int, int], merge: int

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import av
@@ -92,8 +92,10 @@ class VideoFrames:
 
     frames: np.ndarray  # uint8[T, H, W, 3]
     fps: float  # frame rate of the source clip
-    indices: np.ndarray = field(default=None)  # int64[T]: index of each frame in the source
-    total_frames: int = 0
+    indices: np.ndarray | None = (
+        None  # int64[T]: index of each frame in the source (default 0..T-1)
+    )
+    total_frames: int = 0  # frames in the source clip (default T)
 
     def __post_init__(self) -> None:
         if self.indices is None:
