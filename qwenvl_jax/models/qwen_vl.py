@@ -146,12 +146,16 @@ class QwenVLForConditionalGeneration(nnx.Module):
         slots: jax.Array | None = None,
         ntk_alpha: float = 1.0,
         return_router_logits: bool = False,
+        logits_to_keep: int = 0,
     ):
         """input_ids int[B, T]; segment_ids int[B, T] (0 = padding); position_ids int[3, B, T].
-        Returns (logits float[B, T, vocab], updated cache, router logits list)."""
+        Returns (logits float[B, T, vocab], updated cache, router logits list); with
+        logits_to_keep = n > 0, logits of the last n positions only (float[B, n, vocab])."""
         del ntk_alpha  # the Qwen2/3 decoders have no dynamic NTK
         x, deepstack = self.embed(input_ids, vision)
         hidden, cache, router = self.language_model(
             x, position_ids, segment_ids, slots=slots, cache=cache, cache_index=cache_index,
             deepstack=deepstack)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         return self.logits(hidden), cache, router
