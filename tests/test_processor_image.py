@@ -19,7 +19,7 @@ from processor_fixtures import (
 from qwenvl_jax.errors import InputError
 from qwenvl_jax.processing.image import (
     MissingMediaError,
-    VisionConfig,
+    PixelConfig,
     load_image,
     patchify,
     preprocess_images,
@@ -49,9 +49,9 @@ def _config_dir(name: str) -> Path:
     return CONFIG_DIRS[name]
 
 
-def _ours(folder: Path, **overrides) -> VisionConfig:
+def _ours(folder: Path, **overrides) -> PixelConfig:
     config = json.loads((folder / "preprocessor_config.json").read_text())
-    return VisionConfig().updated({**config, **overrides})
+    return PixelConfig().updated({**config, **overrides})
 
 
 @pytest.mark.parametrize("family", sorted(CONFIG_DIRS))

@@ -26,7 +26,7 @@ from processor_fixtures import (
 
 from qwenvl_jax.errors import CheckpointError, ConfigError, InputError
 from qwenvl_jax.processing.chat import render_chat_template
-from qwenvl_jax.processing.image import VisionConfig
+from qwenvl_jax.processing.image import PixelConfig
 from qwenvl_jax.processing.processor import Processor
 from qwenvl_jax.processing.tokenizer import TextTokenizer
 
@@ -370,7 +370,7 @@ def test_processor_config_json_is_read(tmp_path: Path) -> None:
     nested = {"image_processor": {"min_pixels": 1000, "max_pixels": 20000, "patch_size": 14}}
     (folder / "processor_config.json").write_text(json.dumps(nested))
     ours = Processor.from_pretrained(folder)
-    assert ours.image_config == VisionConfig(min_pixels=1000, max_pixels=20000)
+    assert ours.image_config == PixelConfig(min_pixels=1000, max_pixels=20000)
 
 
 def test_model_type_dispatch_and_errors(tmp_path: Path) -> None:

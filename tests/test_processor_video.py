@@ -174,13 +174,13 @@ def test_frame_list_is_taken_as_sampled(processors, family: str) -> None:
     processor = processors[family]
     cfg = processor.video_config
     pixel_cfg = {
-        "patch_size": cfg.vision.patch_size,
-        "merge_size": cfg.vision.merge_size,
-        "temporal_patch_size": cfg.vision.temporal_patch_size,
-        "image_mean": cfg.vision.image_mean,
-        "image_std": cfg.vision.image_std,
-        "min_pixels": cfg.vision.min_pixels,
-        "max_pixels": cfg.vision.max_pixels,
+        "patch_size": cfg.pixels.patch_size,
+        "merge_size": cfg.pixels.merge_size,
+        "temporal_patch_size": cfg.pixels.temporal_patch_size,
+        "image_mean": cfg.pixels.image_mean,
+        "image_std": cfg.pixels.image_std,
+        "min_pixels": cfg.pixels.min_pixels,
+        "max_pixels": cfg.pixels.max_pixels,
     }
     base = np.asarray(PIL.Image.open(skimage_image("chelsea.png")))
     frames = [np.roll(base, 7 * i, axis=1) for i in range(5)]  # odd count: last frame repeated

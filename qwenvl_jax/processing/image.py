@@ -36,7 +36,7 @@ class MissingMediaError(InputError, FileNotFoundError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class VisionConfig:
+class PixelConfig:
     """Preprocessing settings read from preprocessor_config.json (image) or
     video_preprocessor_config.json (video). Defaults are those of HF's Qwen2VLImageProcessor."""
 
@@ -58,7 +58,7 @@ class VisionConfig:
         """Side lengths after resizing are multiples of this (patch_size * merge_size)."""
         return self.patch_size * self.merge_size
 
-    def updated(self, d: Mapping[str, Any]) -> VisionConfig:
+    def updated(self, d: Mapping[str, Any]) -> PixelConfig:
         """This config with the keys of an HF preprocessor config dict applied.
 
         Pixel limits come from `size.shortest_edge/longest_edge` (or `size.min_pixels/max_pixels`);
@@ -189,7 +189,7 @@ def resize(image: np.ndarray, height: int, width: int, resample: int = 3) -> np.
     return np.asarray(pil.resize((width, height), resample=resample))
 
 
-def rescale_and_normalize(frames: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+def rescale_and_normalize(frames: np.ndarray, cfg: PixelConfig) -> np.ndarray:
     """`uint8[..., H, W, C]` to channels-first `float32[..., C, H, W]`, rescaled and normalised
     with the same float64-then-float32 steps as HF's numpy backend."""
     x = frames.astype(np.float64)
@@ -227,7 +227,7 @@ def patchify(
 
 
 def preprocess_image(
-    image: ImageInput, cfg: VisionConfig
+    image: ImageInput, cfg: PixelConfig
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image to `float32[gh*gw, C*tps*P*P]` patches and its grid `(1, gh, gw)`."""
     rgb = load_image(image)
@@ -238,7 +238,7 @@ def preprocess_image(
     return patchify(pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
 
 
-def preprocess_images(images: Sequence[ImageInput], cfg: VisionConfig) -> dict[str, np.ndarray]:
+def preprocess_images(images: Sequence[ImageInput], cfg: PixelConfig) -> dict[str, np.ndarray]:
     """Images to `pixel_values` `float32[sum(gh*gw), C*tps*P*P]` and `image_grid_thw`
     `int64[n_images, 3]`, concatenated in order, as HF's image processor returns them."""
     patches, grids = [], []

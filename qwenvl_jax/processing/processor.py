@@ -23,7 +23,7 @@ import numpy as np
 
 from qwenvl_jax.errors import CheckpointError, ConfigError, InputError
 from qwenvl_jax.processing.chat import render_chat_template
-from qwenvl_jax.processing.image import ImageInput, VisionConfig, preprocess_images
+from qwenvl_jax.processing.image import ImageInput, PixelConfig, preprocess_images
 from qwenvl_jax.processing.tokenizer import TextTokenizer, read_json
 from qwenvl_jax.processing.video import (
     VideoConfig,
@@ -150,7 +150,7 @@ class Processor:
         family: str,
         tokenizer: TextTokenizer,
         chat_template: str | None,
-        image_config: VisionConfig,
+        image_config: PixelConfig,
         video_config: VideoConfig,
         eos_token_ids: Sequence[int],
         pad_token_id: int | None = None,
@@ -228,7 +228,7 @@ class Processor:
             family=family,
             tokenizer=tokenizer,
             chat_template=_read_chat_template(path, processor_config),
-            image_config=VisionConfig().updated(image_dict or {}),
+            image_config=PixelConfig().updated(image_dict or {}),
             video_config=VideoConfig.defaults(family).updated(video_dict or {}),
             eos_token_ids=_eos_token_ids(path, tokenizer),
             pad_token_id=pad_token_id,
@@ -351,7 +351,7 @@ class Processor:
     def _process_videos(self, videos: list) -> tuple[dict[str, Any], list[str]]:
         """Video features, and the text each video's placeholder expands to."""
         cfg = self.video_config
-        tps, merge = cfg.vision.temporal_patch_size, cfg.vision.merge_size**2
+        tps, merge = cfg.pixels.temporal_patch_size, cfg.pixels.merge_size**2
         patches, grids, seconds_per_grid, pads = [], [], [], []
         for video in videos:
             request = dict(video) if isinstance(video, Mapping) else {"video": video}
@@ -378,7 +378,7 @@ class Processor:
         if self.family not in ("qwen3_vl", "qwen3_vl_moe"):
             return VIDEO_TOKEN * (t * h * w // merge)
         # Qwen3-VL: each temporal patch is its own "<t seconds>" + vision block
-        tps = self.video_config.vision.temporal_patch_size
+        tps = self.video_config.pixels.temporal_patch_size
         seconds = frame_timestamps(frames.indices, frames.fps, tps)
         frame = VISION_START_TOKEN + VIDEO_TOKEN * (h * w // merge) + VISION_END_TOKEN
         return "".join(f"<{seconds[i]:.1f} seconds>" + frame for i in range(t))

@@ -29,7 +29,7 @@ from qwenvl_jax.errors import InputError
 from qwenvl_jax.processing.image import (
     ImageInput,
     MissingMediaError,
-    VisionConfig,
+    PixelConfig,
     load_image,
     patchify,
     rescale_and_normalize,
@@ -46,7 +46,7 @@ SamplingRule = Literal["qwen2", "qwen3"]
 class VideoConfig:
     """Video preprocessing settings: the pixel pipeline plus frame sampling and pixel budget."""
 
-    vision: VisionConfig
+    pixels: PixelConfig
     rule: SamplingRule
     fps: float = 2.0
     min_frames: int = 4
@@ -59,20 +59,20 @@ class VideoConfig:
     def defaults(cls, family: str) -> VideoConfig:
         """HF's video-processor class defaults for a family."""
         if family in ("qwen3_vl", "qwen3_vl_moe"):
-            vision = VisionConfig(
+            pixels = PixelConfig(
                 patch_size=16,
                 min_pixels=128 * 32 * 32,
                 max_pixels=32 * 32 * 768,
                 image_mean=(0.5, 0.5, 0.5),
                 image_std=(0.5, 0.5, 0.5),
             )
-            return cls(vision=vision, rule="qwen3", max_video_tokens=768)
-        vision = VisionConfig(min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 768)
-        return cls(vision=vision, rule="qwen2", max_video_tokens=128000)
+            return cls(pixels=pixels, rule="qwen3", max_video_tokens=768)
+        pixels = PixelConfig(min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 768)
+        return cls(pixels=pixels, rule="qwen2", max_video_tokens=128000)
 
     def updated(self, d: Mapping[str, Any]) -> VideoConfig:
         """This config with the keys of an HF video (or image) preprocessor config applied."""
-        changes: dict[str, Any] = {"vision": self.vision.updated(d)}
+        changes: dict[str, Any] = {"pixels": self.pixels.updated(d)}
         for key, cast in (
             ("fps", float),
             ("min_frames", int),
@@ -184,7 +184,7 @@ def sample_indices(
     kwargs["max_frames"] = cfg.max_frames
     if cfg.rule == "qwen3":
         return sample_indices_qwen3(total_frames, video_fps, **kwargs)
-    tps = cfg.vision.temporal_patch_size
+    tps = cfg.pixels.temporal_patch_size
     return sample_indices_qwen2(total_frames, video_fps, temporal_patch_size=tps, **kwargs)
 
 
@@ -225,7 +225,7 @@ def video_resize_target(
     num_frames: int, height: int, width: int, cfg: VideoConfig
 ) -> tuple[int, int]:
     """The (height, width) every frame of a `num_frames` clip is resized to."""
-    v = cfg.vision
+    v = cfg.pixels
     factor, tps = v.factor, v.temporal_patch_size
     if cfg.rule == "qwen3":
         num_frames = max(num_frames, tps)  # HF raises below tps; a padded clip is what we encode
@@ -341,7 +341,7 @@ def preprocess_video(
     video: VideoFrames, cfg: VideoConfig
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Sampled frames to `float32[gt*gh*gw, C*tps*P*P]` patches and the grid `(gt, gh, gw)`."""
-    v = cfg.vision
+    v = cfg.pixels
     n, h, w = video.frames.shape[:3]
     th, tw = video_resize_target(n, h, w, cfg) if v.do_resize else (h, w)
     pixels = np.stack(
