@@ -57,7 +57,9 @@ class VideoConfig:
 
     @classmethod
     def defaults(cls, family: str) -> VideoConfig:
-        """HF's video-processor class defaults for a family."""
+        """HF's video-processor class defaults for a family, except that frames are sampled at
+        2 fps for Qwen2/2.5 too (HF's Qwen2VLVideoProcessor keeps every frame unless asked) and
+        the qwen-vl-utils pixel cap is on (`cap_pixels_per_frame`, off unless asked in HF)."""
         if family in ("qwen3_vl", "qwen3_vl_moe"):
             pixels = PixelConfig(
                 patch_size=16,
