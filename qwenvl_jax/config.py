@@ -231,7 +231,9 @@ def _from_hf_modern(hf: dict, family: str) -> ModelConfig:
         mrope_interleaved=qwen3,
         attention_bias=bool(tc.get("attention_bias", not qwen3)),
         qk_norm=qwen3,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
+        tie_word_embeddings=bool(
+            hf.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))
+        ),
         max_position_embeddings=tc.get("max_position_embeddings", 32768),
         num_experts=(tc.get("num_experts") or tc.get("num_local_experts") or 0) if moe else 0,
         num_experts_per_tok=tc.get("num_experts_per_tok", 0) if moe else 0,
@@ -264,7 +266,9 @@ def _from_hf_modern(hf: dict, family: str) -> ModelConfig:
             hidden_act=vc.get("hidden_act", "gelu_pytorch_tanh" if qwen3 else "silu"),
             window_size=vc.get("window_size", 112) if kind == "qwen2_5_vl" else 0,
             fullatt_block_indexes=tuple(vc.get("fullatt_block_indexes") or ()),
-            tokens_per_second=float(vc.get("tokens_per_second", 2)) if kind == "qwen2_5_vl" else 0.0,
+            tokens_per_second=float(vc.get("tokens_per_second", 2))
+            if kind == "qwen2_5_vl"
+            else 0.0,
             num_position_embeddings=vc.get("num_position_embeddings", 2304) if qwen3 else 0,
             deepstack_visual_indexes=tuple(vc.get("deepstack_visual_indexes") or ()),
             **_vision_common(vc),
@@ -294,6 +298,9 @@ def _vision_common(vc: dict) -> dict:
 def _from_hf_v1(hf: dict) -> ModelConfig:
     v = hf["visual"]
     heads = hf["num_attention_heads"]
+    head_dim = hf.get("kv_channels") or hf["hidden_size"] // heads
+    if float(hf.get("rotary_pct", 1.0)) != 1.0:
+        raise ConfigError(f"rotary_pct {hf['rotary_pct']} is not supported (only 1.0)")
     text = TextConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -301,10 +308,10 @@ def _from_hf_v1(hf: dict) -> ModelConfig:
         num_hidden_layers=hf["num_hidden_layers"],
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        head_dim=hf.get("kv_channels") or hf["hidden_size"] // heads,
+        head_dim=head_dim,
         rms_norm_eps=hf.get("layer_norm_epsilon", 1e-6),
         rope_theta=float(hf.get("rotary_emb_base", 10000)),
-        mrope_section=(hf.get("kv_channels", 128) // 2, 0, 0),
+        mrope_section=(head_dim // 2, 0, 0),  # 1-D RoPE: every frequency reads row 0
         attention_bias=True,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
@@ -325,7 +332,18 @@ def _from_hf_v1(hf: dict) -> ModelConfig:
         n_queries=v.get("n_queries", 256),
         image_start_id=v.get("image_start_id", 151857),
     )
-    return ModelConfig(family="qwen_vl", text=text, vision=vision)
+    # v1 has no video and no per-patch placeholder: image_token_id is <imgpad>, the vision span
+    # is <img> ... </img>; -1 never matches a token.
+    start = vision.image_start_id
+    return ModelConfig(
+        family="qwen_vl",
+        text=text,
+        vision=vision,
+        image_token_id=start + 2,
+        video_token_id=-1,
+        vision_start_token_id=start,
+        vision_end_token_id=start + 1,
+    )
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -76,8 +76,13 @@ def build_model(
     shardings = state_shardings(abs_state, mesh or _default_mesh())
     if abstract:
         state = jax.tree.map(
-            lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_raw_value())),
-            abs_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            lambda v, s: v.replace(
+                jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_raw_value())
+            ),
+            abs_state,
+            shardings,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
         return nnx.merge(graphdef, state)
 
     init = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)
@@ -137,7 +142,8 @@ def load_hf_weights(
             if tuple(a.shape) != tuple(var.shape):
                 raise CheckpointError(
                     f"checkpoint tensor {key!r} has shape {tuple(a.shape)}, parameter {path} "
-                    f"expects {tuple(var.shape)}")
+                    f"expects {tuple(var.shape)}"
+                )
             if path in values:
                 raise CheckpointError(f"parameter {path} is written twice (last by {key!r})")
             values[path] = _place(a, var, dtype)
@@ -146,7 +152,8 @@ def load_hf_weights(
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), first: {missing[0]}")
     state = nnx.from_flat_state(
-        [(p, v.replace(values[path_str(p)])) for p, v in nnx.to_flat_state(abs_state)])
+        [(p, v.replace(values[path_str(p)])) for p, v in nnx.to_flat_state(abs_state)]
+    )
     return nnx.merge(graphdef, state)
 
 
@@ -196,8 +203,9 @@ def from_pretrained(
 
         reader = Fp8DequantReader(reader, quant, np.float32)
     try:
-        return load_hf_weights(abs_model, reader, mapping_for(config), dtype=param_dtype,
-                               progress=progress)
+        return load_hf_weights(
+            abs_model, reader, mapping_for(config), dtype=param_dtype, progress=progress
+        )
     finally:
         close = getattr(reader, "close", None)
         if close:

@@ -52,7 +52,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("vit_embed", "fsdp"),
     ("vit_heads", "tensor"),
     ("vit_mlp", "tensor"),
-    ("vit_merge", "tensor"),
+    ("vit_merge", "fsdp"),
     ("vit_pos", None),
     ("vit_queries", None),
 )
@@ -62,15 +62,15 @@ _rules_var: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("rules
 _mesh_var: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
 
 
-def make_mesh(
-    data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1, devices=None
-) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1, devices=None) -> Mesh:
     """A Mesh over (data, fsdp, tensor, expert); the product must equal the device count."""
     devices = jax.devices() if devices is None else devices
     shape = (data, fsdp, tensor, expert)
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {np.prod(shape)} devices, "
-                         f"{len(devices)} available")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape))} needs {np.prod(shape)} devices, "
+            f"{len(devices)} available"
+        )
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -106,7 +106,9 @@ def current_rules() -> tuple:
 
 
 def logical_to_spec(
-    axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+    axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
     rules: Sequence | None = None,
 ) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec, dropping mesh axes absent from or of size 1 in
@@ -127,7 +129,9 @@ def logical_to_spec(
             if shape is not None and targets:
                 size = int(np.prod([mesh.shape[t] for t in targets]))
                 if shape[i] % size:
-                    log.debug("axis %s (%d) not divisible by %s: replicated", name, shape[i], targets)
+                    log.debug(
+                        "axis %s (%d) not divisible by %s: replicated", name, shape[i], targets
+                    )
                     targets = ()
         for t in targets:
             if t in used:
@@ -165,15 +169,20 @@ def param(
     """A parameter with its logical axes attached as `sharding_axes` metadata."""
     assert len(axes) == len(shape), (shape, axes)
     if _abstract_var.get():
-        return nnx.Param(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)),
-                         sharding_axes=tuple(axes), eager_sharding=False)
+        return nnx.Param(
+            jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)),
+            sharding_axes=tuple(axes),
+            eager_sharding=False,
+        )
     key = rngs.params() if rngs is not None else jax.random.key(0)
     value = init(key, tuple(shape), dtype)
     return nnx.Param(value, sharding_axes=tuple(axes), eager_sharding=False)
 
 
 def normal(std: float = 0.02) -> Initializer:
-    return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(
+        dtype
+    )
 
 
 def zeros(key, shape, dtype):

@@ -11,10 +11,20 @@ import torch
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 # Small vocabulary with the vision special tokens moved inside it.
-SMALL_VOCAB = dict(vocab_size=512, image_token_id=500, video_token_id=501,
-                   vision_start_token_id=502, vision_end_token_id=503)
-REAL_VOCAB = dict(vocab_size=151936, image_token_id=151655, video_token_id=151656,
-                  vision_start_token_id=151652, vision_end_token_id=151653)
+SMALL_VOCAB = dict(
+    vocab_size=512,
+    image_token_id=500,
+    video_token_id=501,
+    vision_start_token_id=502,
+    vision_end_token_id=503,
+)
+REAL_VOCAB = dict(
+    vocab_size=151936,
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)
 
 
 def hf_config(family: str, *, vocab=SMALL_VOCAB, tie: bool = False, deepstack=(0, 1)):
@@ -22,43 +32,103 @@ def hf_config(family: str, *, vocab=SMALL_VOCAB, tie: bool = False, deepstack=(0
 
     ids = {k: v for k, v in vocab.items() if k != "vocab_size"}
     if family == "qwen2_vl":
-        text = dict(vocab_size=vocab["vocab_size"], hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                        "mrope_section": [2, 3, 3]},
-                    max_position_embeddings=4096)
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        text = dict(
+            vocab_size=vocab["vocab_size"],
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            max_position_embeddings=4096,
+        )
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
     if family == "qwen2_5_vl":
-        text = dict(vocab_size=vocab["vocab_size"], hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                        "mrope_section": [2, 3, 3]},
-                    max_position_embeddings=4096)
-        vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2,
-                      out_hidden_size=64, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
-                      tokens_per_second=2, in_channels=3, hidden_act="silu")
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie,
-                                **ids)
+        text = dict(
+            vocab_size=vocab["vocab_size"],
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            max_position_embeddings=4096,
+        )
+        vision = dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+            tokens_per_second=2,
+            in_channels=3,
+            hidden_act="silu",
+        )
+        return Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids
+        )
     moe = family == "qwen3_vl_moe"
-    text = dict(vocab_size=vocab["vocab_size"], hidden_size=128 if moe else 64,
-                intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-                max_position_embeddings=4096, tie_word_embeddings=tie)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
-                  out_hidden_size=128 if moe else 64, patch_size=16, spatial_merge_size=2,
-                  temporal_patch_size=2, num_position_embeddings=36,
-                  deepstack_visual_indexes=list(deepstack), in_channels=3,
-                  hidden_act="gelu_pytorch_tanh")
+    text = dict(
+        vocab_size=vocab["vocab_size"],
+        hidden_size=128 if moe else 64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie,
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=2,
+        out_hidden_size=128 if moe else 64,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=36,
+        deepstack_visual_indexes=list(deepstack),
+        in_channels=3,
+        hidden_act="gelu_pytorch_tanh",
+    )
     if moe:
-        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
-                    decoder_sparse_step=1, mlp_only_layers=[1])
-        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie,
-                                **ids)
+        text.update(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        )
+        return Qwen3VLMoeConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids
+        )
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
 
 
@@ -103,8 +173,9 @@ def fake_pixels(family: str, grid: tuple[int, int, int], seed: int) -> np.ndarra
     return rng.standard_normal((t * h * w, 3 * 2 * P * P)).astype(np.float32)
 
 
-def build_inputs(family: str, prompts: list[dict], vocab=SMALL_VOCAB, seed: int = 0,
-                 pad_side: str = "left"):
+def build_inputs(
+    family: str, prompts: list[dict], vocab=SMALL_VOCAB, seed: int = 0, pad_side: str = "left"
+):
     """prompts: [{"text": [int, ...] (plain text ids), "images": [(h, w) grids in patches],
     "videos": [(t, h, w)]}]. Builds input_ids with vision_start + N pads + vision_end per item
     (Qwen3 videos: one block per temporal patch, separated by text ids), padded into a batch."""

@@ -29,8 +29,8 @@ def dot_product_attention(
 
     q: float[B, T, H, D]; k, v: float[B, S, K, D] with H a multiple of K (GQA).
     q_segment_ids: int[B, T]; kv_segment_ids: int[B, S]; a query attends a key iff their segment
-    ids are equal and non-zero and, when `causal`, kv_positions <= q_positions (int[B, T], int[B, S],
-    slot indices; default arange). Long queries are processed `query_chunk` rows at a time so that
+    ids are equal and non-zero and, when `causal`, kv_positions <= q_positions (slot indices
+    int[B, T] and int[B, S], default arange). Long queries are processed `query_chunk` rows at a time so that
     the score matrix never holds more than query_chunk x S entries per head.
     Returns float[B, T, H, D].
     """
@@ -56,15 +56,18 @@ def dot_product_attention(
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
-    if T <= query_chunk:
+    if query_chunk >= T:
         out = block(qg, q_segment_ids, q_positions)
     else:
         n = -(-T // query_chunk)
         pad = n * query_chunk - T
         qp = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
         sp = jnp.pad(q_segment_ids, ((0, 0), (0, pad)))
-        pp = jnp.pad(q_positions, ((0, 0), (0, pad))) if causal else jnp.zeros((B, n * query_chunk),
-                                                                                jnp.int32)
+        pp = (
+            jnp.pad(q_positions, ((0, 0), (0, pad)))
+            if causal
+            else jnp.zeros((B, n * query_chunk), jnp.int32)
+        )
 
         def chunk(i):
             sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * query_chunk, query_chunk, axis=1)

@@ -42,8 +42,15 @@ class Embed(nnx.Module):
     """Token embedding table float[vocab, D]; `attend` gives tied output logits."""
 
     def __init__(
-        self, num: int, features: int, *, axes=("vocab", "embed"), dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None, std: float = 0.02,
+        self,
+        num: int,
+        features: int,
+        *,
+        axes=("vocab", "embed"),
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None,
+        std: float = 0.02,
     ):
         self.dtype = dtype
         self.embedding = param(rngs, normal(std), (num, features), param_dtype, axes)

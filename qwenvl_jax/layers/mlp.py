@@ -23,9 +23,18 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int, *, act: str = "silu", bias: bool = False,
-                 axes=("embed", "mlp"), dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        act: str = "silu",
+        bias: bool = False,
+        axes=("embed", "mlp"),
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
         kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.act = act
         self.gate_proj = Linear(dim, hidden, axes=axes, **kw)
@@ -39,9 +48,19 @@ class GatedMLP(nnx.Module):
 class MLP(nnx.Module):
     """fc2(act(fc1(x)))."""
 
-    def __init__(self, dim: int, hidden: int, out: int | None = None, *, act: str, bias: bool = True,
-                 axes=("vit_embed", "vit_mlp"), dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        out: int | None = None,
+        *,
+        act: str,
+        bias: bool = True,
+        axes=("vit_embed", "vit_mlp"),
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
         kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.act = act
         self.fc1 = Linear(dim, hidden, axes=axes, **kw)

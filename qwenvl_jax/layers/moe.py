@@ -15,19 +15,46 @@ from qwenvl_jax.sharding import normal, param
 
 
 class SparseMoE(nnx.Module):
-    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, *, act: str = "silu",
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        act: str = "silu",
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
         self.top_k = top_k
         self.num_experts = num_experts
         self.act = act
         self.dtype = dtype
-        self.gate = Linear(dim, num_experts, axes=("embed", "router"), dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
-        # x @ W layout: gate_up float[E, D, 2I] (first I columns gate, last I up), down float[E, I, D]
-        self.gate_up_proj = param(rngs, normal(), (num_experts, dim, 2 * hidden), param_dtype,
-                                  ("experts", "expert_embed", "expert_mlp"))
-        self.down_proj = param(rngs, normal(), (num_experts, hidden, dim), param_dtype,
-                               ("experts", "expert_mlp", "expert_embed"))
+        self.gate = Linear(
+            dim,
+            num_experts,
+            axes=("embed", "router"),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        # x @ W layout: gate_up float[E, D, 2I] (first I columns gate, last I up),
+        # down float[E, I, D]
+        self.gate_up_proj = param(
+            rngs,
+            normal(),
+            (num_experts, dim, 2 * hidden),
+            param_dtype,
+            ("experts", "expert_embed", "expert_mlp"),
+        )
+        self.down_proj = param(
+            rngs,
+            normal(),
+            (num_experts, hidden, dim),
+            param_dtype,
+            ("experts", "expert_mlp", "expert_embed"),
+        )
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: float[B, T, D] -> (float[B, T, D], router logits float[B*T, E])."""
@@ -51,8 +78,9 @@ class SparseMoE(nnx.Module):
         return out.reshape(B, T, D), logits
 
 
-def load_balancing_loss(router_logits: jax.Array, top_k: int, valid: jax.Array | None = None
-                        ) -> jax.Array:
+def load_balancing_loss(
+    router_logits: jax.Array, top_k: int, valid: jax.Array | None = None
+) -> jax.Array:
     """Switch-style auxiliary loss: E * sum_e (fraction of tokens routed to e) * (mean prob of e).
 
     router_logits: float[L, N, E] over the MoE layers; valid: bool[N] marks real (non-pad) tokens.

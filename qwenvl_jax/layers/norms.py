@@ -14,8 +14,15 @@ from qwenvl_jax.sharding import ones, param, zeros
 class RMSNorm(nnx.Module):
     """`w * (x_f32 * rsqrt(mean(x^2) + eps)).astype(x.dtype)`: the cast comes before the weight."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, axes=("norm",), param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        axes=("norm",),
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         self.eps = eps
         self.weight = param(rngs, ones, (dim,), param_dtype, axes)
 
@@ -28,8 +35,15 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm with weight and bias, statistics in float32."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, axes=("norm",), param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        axes=("norm",),
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         self.eps = eps
         self.weight = param(rngs, ones, (dim,), param_dtype, axes)
         self.bias = param(rngs, zeros, (dim,), param_dtype, axes)

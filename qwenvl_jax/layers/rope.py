@@ -16,7 +16,9 @@ import numpy as np
 
 def inv_freq(dim: int, theta: float) -> np.ndarray:
     """1 / theta^(arange(0, dim, 2) / dim), float32[dim // 2] (computed in float64, rounded)."""
-    return (1.0 / (float(theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(np.float32)
+    return (1.0 / (float(theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(
+        np.float32
+    )
 
 
 def mrope_axes(section: tuple[int, ...], interleaved: bool) -> np.ndarray:

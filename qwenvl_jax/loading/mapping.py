@@ -61,22 +61,48 @@ def _modern_rules(family: str) -> list[Rule]:
         Rule("lm_head.{p}", "lm_head.{p}", LINEAR),
     ]
     for n in ("input_layernorm", "post_attention_layernorm"):
-        rules.append(Rule(f"{L}.layers.{{i}}.{n}.{{p}}", f"language_model.layers.{{i}}.{n}.{{p}}", NORM))
+        rules.append(
+            Rule(f"{L}.layers.{{i}}.{n}.{{p}}", f"language_model.layers.{{i}}.{n}.{{p}}", NORM)
+        )
     for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        rules.append(Rule(f"{L}.layers.{{i}}.self_attn.{n}.{{p}}",
-                          f"language_model.layers.{{i}}.self_attn.{n}.{{p}}", LINEAR))
+        rules.append(
+            Rule(
+                f"{L}.layers.{{i}}.self_attn.{n}.{{p}}",
+                f"language_model.layers.{{i}}.self_attn.{n}.{{p}}",
+                LINEAR,
+            )
+        )
     for n in ("q_norm", "k_norm"):
-        rules.append(Rule(f"{L}.layers.{{i}}.self_attn.{n}.{{p}}",
-                          f"language_model.layers.{{i}}.self_attn.{n}.{{p}}", NORM))
+        rules.append(
+            Rule(
+                f"{L}.layers.{{i}}.self_attn.{n}.{{p}}",
+                f"language_model.layers.{{i}}.self_attn.{n}.{{p}}",
+                NORM,
+            )
+        )
     for n in ("gate_proj", "up_proj", "down_proj"):
-        rules.append(Rule(f"{L}.layers.{{i}}.mlp.{n}.{{p}}", f"language_model.layers.{{i}}.mlp.{n}.{{p}}",
-                          LINEAR))
+        rules.append(
+            Rule(
+                f"{L}.layers.{{i}}.mlp.{n}.{{p}}",
+                f"language_model.layers.{{i}}.mlp.{n}.{{p}}",
+                LINEAR,
+            )
+        )
     if family == "qwen3_vl_moe":
         rules += [
-            Rule(f"{L}.layers.{{i}}.mlp.gate.{{p}}", "language_model.layers.{i}.mlp.gate.{p}", LINEAR),
-            Rule(f"{L}.layers.{{i}}.mlp.experts.gate_up_proj", "language_model.layers.{i}.mlp.gate_up_proj",
-                 {}),
-            Rule(f"{L}.layers.{{i}}.mlp.experts.down_proj", "language_model.layers.{i}.mlp.down_proj", {}),
+            Rule(
+                f"{L}.layers.{{i}}.mlp.gate.{{p}}", "language_model.layers.{i}.mlp.gate.{p}", LINEAR
+            ),
+            Rule(
+                f"{L}.layers.{{i}}.mlp.experts.gate_up_proj",
+                "language_model.layers.{i}.mlp.gate_up_proj",
+                {},
+            ),
+            Rule(
+                f"{L}.layers.{{i}}.mlp.experts.down_proj",
+                "language_model.layers.{i}.mlp.down_proj",
+                {},
+            ),
         ]
     if family == "qwen2_vl":
         rules += [
@@ -85,8 +111,11 @@ def _modern_rules(family: str) -> list[Rule]:
         ]
     elif family == "qwen2_5_vl":
         for n in ("gate_proj", "up_proj", "down_proj"):
-            rules.append(Rule(f"{V}.blocks.{{i}}.mlp.{n}.{{p}}", f"visual.blocks.{{i}}.mlp.{n}.{{p}}",
-                              LINEAR))
+            rules.append(
+                Rule(
+                    f"{V}.blocks.{{i}}.mlp.{n}.{{p}}", f"visual.blocks.{{i}}.mlp.{n}.{{p}}", LINEAR
+                )
+            )
     else:
         rules += [
             Rule(f"{V}.blocks.{{i}}.mlp.linear_fc1.{{p}}", "visual.blocks.{i}.mlp.fc1.{p}", LINEAR),
@@ -103,12 +132,21 @@ def _modern_rules(family: str) -> list[Rule]:
             Rule(f"{V}.merger.norm.{{p}}", "visual.merger.norm.{p}", NORM),
             Rule(f"{V}.merger.linear_fc1.{{p}}", "visual.merger.fc1.{p}", LINEAR),
             Rule(f"{V}.merger.linear_fc2.{{p}}", "visual.merger.fc2.{p}", LINEAR),
-            Rule(f"{V}.deepstack_merger_list.{{i}}.norm.{{p}}",
-                 "visual.deepstack_merger_list.{i}.norm.{p}", NORM),
-            Rule(f"{V}.deepstack_merger_list.{{i}}.linear_fc1.{{p}}",
-                 "visual.deepstack_merger_list.{i}.fc1.{p}", LINEAR),
-            Rule(f"{V}.deepstack_merger_list.{{i}}.linear_fc2.{{p}}",
-                 "visual.deepstack_merger_list.{i}.fc2.{p}", LINEAR),
+            Rule(
+                f"{V}.deepstack_merger_list.{{i}}.norm.{{p}}",
+                "visual.deepstack_merger_list.{i}.norm.{p}",
+                NORM,
+            ),
+            Rule(
+                f"{V}.deepstack_merger_list.{{i}}.linear_fc1.{{p}}",
+                "visual.deepstack_merger_list.{i}.fc1.{p}",
+                LINEAR,
+            ),
+            Rule(
+                f"{V}.deepstack_merger_list.{{i}}.linear_fc2.{{p}}",
+                "visual.deepstack_merger_list.{i}.fc2.{p}",
+                LINEAR,
+            ),
         ]
     return rules
 
@@ -126,8 +164,9 @@ class Mapping:
 
     family: str
 
-    def import_tensor(self, key: str, array: np.ndarray, target_shape: Callable[[str], tuple]
-                      ) -> list[tuple[str, np.ndarray]]:
+    def import_tensor(
+        self, key: str, array: np.ndarray, target_shape: Callable[[str], tuple]
+    ) -> list[tuple[str, np.ndarray]]:
         raise NotImplementedError
 
     def export_tensors(self, params: dict[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
@@ -149,25 +188,32 @@ class RegexMapping(Mapping):
         self.hub_legacy_names = self.family in ("qwen2_vl", "qwen2_5_vl")
         self.rules = _compile(_modern_rules(self.family))
         v = config.vision
-        self.conv_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
-                           v.patch_size)
+        self.conv_shape = (
+            v.hidden_size,
+            v.in_channels,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+        )
 
     @staticmethod
     def canonical(key: str) -> str:
         """Legacy (hub Qwen2/2.5) names -> transformers' in-memory names."""
         if key.startswith("visual."):
             return "model." + key
-        if key.startswith("model.") and not key.startswith(("model.visual.", "model.language_model.")):
-            return "model.language_model." + key[len("model."):]
+        if key.startswith("model.") and not key.startswith(
+            ("model.visual.", "model.language_model.")
+        ):
+            return "model.language_model." + key[len("model.") :]
         return key
 
     def hub_name(self, key: str) -> str:
         if not self.hub_legacy_names:
             return key
         if key.startswith("model.visual."):
-            return key[len("model."):]
+            return key[len("model.") :]
         if key.startswith("model.language_model."):
-            return "model." + key[len("model.language_model."):]
+            return "model." + key[len("model.language_model.") :]
         return key
 
     def import_tensor(self, key, array, target_shape):

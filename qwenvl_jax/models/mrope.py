@@ -63,13 +63,15 @@ def get_rope_index(
                 try:
                     t, h, w, interval = next(queues[tok])
                 except StopIteration:
-                    raise ValueError("more vision tokens in input_ids than the grids describe") from None
+                    raise ValueError(
+                        "more vision tokens in input_ids than the grids describe"
+                    ) from None
                 n = t * h * w
-                if i + n > len(seq) or np.any(seq[i:i + n] != tok):
+                if i + n > len(seq) or np.any(seq[i : i + n] != tok):
                     raise ValueError(f"a vision item of {n} tokens does not match input_ids")
                 tt = (np.arange(t) * interval).astype(np.int64)
                 grid = np.stack(np.meshgrid(tt, np.arange(h), np.arange(w), indexing="ij"))
-                out[:, i:i + n] = cur + grid.reshape(3, -1)
+                out[:, i : i + n] = cur + grid.reshape(3, -1)
                 cur = cur + int(grid.max()) + 1
                 i += n
             else:

@@ -35,8 +35,9 @@ class KVCache(NamedTuple):
     @classmethod
     def empty(cls, cfg: TextConfig, batch: int, length: int, dtype: Any) -> KVCache:
         shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, length), jnp.int32))
+        return cls(
+            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32)
+        )
 
 
 def ntk_alpha(length: int, seq_length: int) -> float:
@@ -48,7 +49,12 @@ def ntk_alpha(length: int, seq_length: int) -> float:
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
         self.cfg = cfg
-        D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D, H, K, hd = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(D, H * hd, axes=("embed", "heads"), bias=cfg.attention_bias, **kw)
         self.k_proj = Linear(D, K * hd, axes=("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
@@ -90,33 +96,62 @@ class Attention(nnx.Module):
             kv_slots = jnp.broadcast_to(jnp.arange(keys.shape[1]), kv_seg.shape)
             new_cache = (k_all, v_all)
         out = dot_product_attention(
-            q, keys.astype(q.dtype), values.astype(q.dtype),
-            q_segment_ids=segment_ids, kv_segment_ids=kv_seg, causal=True,
-            q_positions=slots, kv_positions=kv_slots, softmax_in_fp32=cfg.softmax_in_fp32,
+            q,
+            keys.astype(q.dtype),
+            values.astype(q.dtype),
+            q_segment_ids=segment_ids,
+            kv_segment_ids=kv_seg,
+            causal=True,
+            q_positions=slots,
+            kv_positions=kv_slots,
+            softmax_in_fp32=cfg.softmax_in_fp32,
         )
         return self.o_proj(out.reshape(B, T, -1)), new_cache
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, index: int, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs | None):
+    def __init__(
+        self, cfg: TextConfig, index: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
-                                       param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+        )
         self.self_attn = Attention(cfg, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
-                                                param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+        )
         if cfg.is_moe_layer(index):
-            self.mlp = SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                                 cfg.num_experts_per_tok, **kw)
+            self.mlp = SparseMoE(
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+                cfg.num_experts,
+                cfg.num_experts_per_tok,
+                **kw,
+            )
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
-    def __call__(self, x, angles, segment_ids, slots, layer_cache=None, cache_segment_ids=None,
-                 cache_index=None):
+    def __call__(
+        self,
+        x,
+        angles,
+        segment_ids,
+        slots,
+        layer_cache=None,
+        cache_segment_ids=None,
+        cache_index=None,
+    ):
         with jax.named_scope("attention"):
-            a, new_cache = self.self_attn(self.input_layernorm(x), angles, segment_ids, slots,
-                                          layer_cache, cache_segment_ids, cache_index)
+            a, new_cache = self.self_attn(
+                self.input_layernorm(x),
+                angles,
+                segment_ids,
+                slots,
+                layer_cache,
+                cache_segment_ids,
+                cache_index,
+            )
         x = x + a
         with jax.named_scope("mlp"):
             m = self.mlp(self.post_attention_layernorm(x))
@@ -130,18 +165,28 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Embeddings, decoder layers and the final norm. `lm_head` lives on the top-level model."""
 
-    def __init__(self, cfg: TextConfig, *, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
         self.cfg = cfg
         self.dtype = dtype
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([
-            DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for i in range(cfg.num_hidden_layers)
-        ])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype,
-                            rngs=rngs)
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for i in range(cfg.num_hidden_layers)
+            ]
+        )
+        self.norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+        )
 
     def rope(self, position_ids: jax.Array, alpha: float = 1.0) -> jax.Array:
         """position_ids: int[3, B, T] -> angles float32[B, T, head_dim/2]."""
@@ -150,7 +195,9 @@ class TextModel(nnx.Module):
         if alpha != 1.0:
             theta = theta * alpha ** (cfg.head_dim / (cfg.head_dim - 2))
         freqs = inv_freq(cfg.head_dim, theta)
-        return rope_angles(position_ids, freqs, mrope_axes(cfg.mrope_section, cfg.mrope_interleaved))
+        return rope_angles(
+            position_ids, freqs, mrope_axes(cfg.mrope_section, cfg.mrope_interleaved)
+        )
 
     def __call__(
         self,
@@ -179,7 +226,8 @@ class TextModel(nnx.Module):
         cache_seg = None
         if cache is not None:
             cache_seg = jax.lax.dynamic_update_slice_in_dim(
-                cache.segment_ids, segment_ids.astype(jnp.int32), start, axis=1)
+                cache.segment_ids, segment_ids.astype(jnp.int32), start, axis=1
+            )
         kv = None if cache is None else (cache.k, cache.v)
         router = []
         for i, layer in enumerate(self.layers):

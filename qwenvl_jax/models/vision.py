@@ -52,8 +52,14 @@ class VisionBlock(nnx.Module):
         self.norm1 = make_norm(cfg.norm, D, **nkw)
         self.norm2 = make_norm(cfg.norm, D, **nkw)
         self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        mkw = dict(act=cfg.hidden_act, bias=True, axes=("vit_embed", "vit_mlp"), dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs)
+        mkw = dict(
+            act=cfg.hidden_act,
+            bias=True,
+            axes=("vit_embed", "vit_mlp"),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         if cfg.gated_mlp:
             self.mlp = GatedMLP(D, cfg.intermediate_size, **mkw)
         else:
@@ -68,8 +74,15 @@ class PatchMerger(nnx.Module):
     """Norm, then every m x m patches concatenated (4D), fc1, exact GELU, fc2 to the LLM width.
     `postshuffle` (Qwen3 DeepStack) normalises after the concatenation instead of before."""
 
-    def __init__(self, cfg: VisionConfig, *, postshuffle: bool = False, dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        postshuffle: bool = False,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs | None,
+    ):
         D = cfg.hidden_size
         self.unit = cfg.spatial_merge_size**2
         wide = D * self.unit
@@ -93,24 +106,40 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
         self.cfg = cfg
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Conv3d with kernel = stride = (T, P, P) is a Linear over the flattened (C, T, P, P) patch.
-        self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, axes=("vit_patch", "vit_embed"),
-                                  bias=cfg.patch_bias, **kw)
+        self.patch_embed = Linear(
+            cfg.patch_dim,
+            cfg.hidden_size,
+            axes=("vit_patch", "vit_embed"),
+            bias=cfg.patch_bias,
+            **kw,
+        )
         if cfg.num_position_embeddings:
-            self.pos_embed = param(rngs, normal(), (cfg.num_position_embeddings, cfg.hidden_size),
-                                   param_dtype, ("vit_pos", "vit_embed"))
+            self.pos_embed = param(
+                rngs,
+                normal(),
+                (cfg.num_position_embeddings, cfg.hidden_size),
+                param_dtype,
+                ("vit_pos", "vit_embed"),
+            )
         else:
             self.pos_embed = None
         self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
-        self.deepstack_merger_list = nnx.List([
-            PatchMerger(cfg, postshuffle=True, **kw) for _ in cfg.deepstack_visual_indexes
-        ])
+        self.deepstack_merger_list = nnx.List(
+            [PatchMerger(cfg, postshuffle=True, **kw) for _ in cfg.deepstack_visual_indexes]
+        )
 
     def __call__(self, batch: VisionBatch) -> tuple[jax.Array, jax.Array | None]:
         """Returns (merged tokens float[N/m^2, out] in raster order, DeepStack features

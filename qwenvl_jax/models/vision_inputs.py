@@ -114,7 +114,7 @@ def make_vision_batch(
     if pixels.shape[0] != n:
         raise ValueError(f"pixel rows ({pixels.shape[0]}) do not match the grids ({n} patches)")
     N = pad_to or bucket(n)
-    if N < n or N % unit:
+    if n > N or N % unit:
         raise ValueError(f"cannot pad {n} patches to {N}")
 
     windowed = cfg.kind == "qwen2_5_vl"
@@ -148,8 +148,9 @@ def make_vision_batch(
         side = int(round(cfg.num_position_embeddings**0.5))
         taps = [_bilinear_taps(h, w, m, side) for t, h, w in grids for _ in range(t)]
         idx = np.concatenate([np.concatenate([a for a, _ in taps]), np.zeros((N - n, 4), np.int32)])
-        wts = np.concatenate([np.concatenate([b for _, b in taps]),
-                              np.zeros((N - n, 4), np.float32)])
+        wts = np.concatenate(
+            [np.concatenate([b for _, b in taps]), np.zeros((N - n, 4), np.float32)]
+        )
     else:
         idx, wts = np.zeros((N, 0), np.int32), np.zeros((N, 0), np.float32)
     pixels = np.concatenate([pixels, np.zeros((N - n, pixels.shape[1]), pixels.dtype)])
