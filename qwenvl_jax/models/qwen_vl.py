@@ -53,8 +53,14 @@ def scatter_vision(
 
 
 class QwenVLForConditionalGeneration(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
         self.config = config
         self.family = config.family
         self.dtype = dtype
@@ -62,8 +68,11 @@ class QwenVLForConditionalGeneration(nnx.Module):
         self.visual = VisionTower(config.vision, **kw)
         self.language_model = TextModel(config.text, **kw)
         t = config.text
-        self.lm_head = None if t.tie_word_embeddings else Linear(
-            t.hidden_size, t.vocab_size, axes=("embed", "vocab"), **kw)
+        self.lm_head = (
+            None
+            if t.tie_word_embeddings
+            else Linear(t.hidden_size, t.vocab_size, axes=("embed", "vocab"), **kw)
+        )
 
     # ----------------------------------------------------------------------------------------
     def __call__(
@@ -78,10 +87,22 @@ class QwenVLForConditionalGeneration(nnx.Module):
         mm_token_type_ids=None,
     ) -> jax.Array:
         """Logits float[B, T, vocab] for the inputs a Hugging Face processor returns."""
-        x = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw,
-                         pixel_values_videos, video_grid_thw, second_per_grid_ts, mm_token_type_ids)
-        return self.forward(jnp.asarray(x.input_ids), jnp.asarray(x.segment_ids),
-                            jnp.asarray(x.position_ids), x.vision)[0]
+        x = self.prepare(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            second_per_grid_ts,
+            mm_token_type_ids,
+        )
+        return self.forward(
+            jnp.asarray(x.input_ids),
+            jnp.asarray(x.segment_ids),
+            jnp.asarray(x.position_ids),
+            x.vision,
+        )[0]
 
     def prepare(
         self,
@@ -101,15 +122,28 @@ class QwenVLForConditionalGeneration(nnx.Module):
         del mm_token_type_ids  # the token ids say the same
         ids = np.asarray(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        positions, deltas = get_rope_index(self.config, ids, mask, image_grid_thw,
-                                           video_grid_thw, second_per_grid_ts)
-        vision = make_vision_batch(self.config.vision, pixel_values, image_grid_thw,
-                                   pixel_values_videos, video_grid_thw, pad_to=patch_bucket)
-        return ModelInputs(ids.astype(np.int32), mask.astype(np.int32), positions, vision,
-                           (deltas + ids.shape[1]).astype(np.int32))
+        positions, deltas = get_rope_index(
+            self.config, ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts
+        )
+        vision = make_vision_batch(
+            self.config.vision,
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            pad_to=patch_bucket,
+        )
+        return ModelInputs(
+            ids.astype(np.int32),
+            mask.astype(np.int32),
+            positions,
+            vision,
+            (deltas + ids.shape[1]).astype(np.int32),
+        )
 
-    def embed(self, input_ids: jax.Array, vision: VisionBatch | None
-              ) -> tuple[jax.Array, jax.Array | None]:
+    def embed(
+        self, input_ids: jax.Array, vision: VisionBatch | None
+    ) -> tuple[jax.Array, jax.Array | None]:
         """Text embeddings with the vision features written in; DeepStack features scattered to
         float[n, B, T, D] (None without DeepStack or vision)."""
         cfg = self.config
@@ -154,8 +188,14 @@ class QwenVLForConditionalGeneration(nnx.Module):
         del ntk_alpha  # the Qwen2/3 decoders have no dynamic NTK
         x, deepstack = self.embed(input_ids, vision)
         hidden, cache, router = self.language_model(
-            x, position_ids, segment_ids, slots=slots, cache=cache, cache_index=cache_index,
-            deepstack=deepstack)
+            x,
+            position_ids,
+            segment_ids,
+            slots=slots,
+            cache=cache,
+            cache_index=cache_index,
+            deepstack=deepstack,
+        )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.logits(hidden), cache, router
