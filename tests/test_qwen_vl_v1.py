@@ -25,6 +25,7 @@ from qwenvl_jax.config import from_hf, load_config
 from qwenvl_jax.errors import CheckpointError, InputError
 from qwenvl_jax.loading.mapping import mapping_for
 from qwenvl_jax.loading.reader import open_checkpoint
+from qwenvl_jax.loading.writer import write_safetensors
 from qwenvl_jax.modeling import params_as_numpy
 from qwenvl_jax.models.qwen_vl_v1 import QwenVLV1ForCausalLM
 from qwenvl_jax.models.text import KVCache
@@ -377,9 +378,10 @@ def test_real_parameter_count():
 # ------------------------------------------------------------------------- checkpoint layout
 
 
-def test_export_reproduces_the_checkpoint_bit_for_bit(checkpoint):
+def test_export_reproduces_the_checkpoint_bit_for_bit(checkpoint, tmp_path):
     model = qj.from_pretrained(checkpoint, dtype="bfloat16")
-    exported = list(mapping_for(model.config).export_tensors(params_as_numpy(model)))
+    params = params_as_numpy(model)
+    exported = list(mapping_for(model.config).export_tensors(params))
     manifest = json.loads((FIXTURE / "weights_manifest.json").read_text())["tensors"]
     assert [k for k, _ in exported] == [t["key"] for t in manifest]  # state-dict order
     with open_checkpoint(checkpoint) as reader:
@@ -388,6 +390,13 @@ def test_export_reproduces_the_checkpoint_bit_for_bit(checkpoint):
             assert array.dtype == original.dtype == ml_dtypes.bfloat16, key
             assert array.shape == original.shape, key
             assert np.array_equal(array.view(np.uint16), original.view(np.uint16)), key
+    # the same tensors as sharded safetensors with an index load to the same parameters
+    write_safetensors(tmp_path, exported, max_shard_bytes=2**20)
+    (tmp_path / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    again = params_as_numpy(qj.from_pretrained(tmp_path, dtype="bfloat16"))
+    assert again.keys() == params.keys()
+    assert all(np.array_equal(again[k].view(np.uint16), params[k].view(np.uint16)) for k in params)
 
 
 def test_mapping_rejects_unknown_and_misshapen_tensors(model):

@@ -124,7 +124,7 @@ def _fma(a: jax.Array, w: jax.Array, c: jax.Array) -> jax.Array:
     r, d = _two_sum(x, y)
     q, g = _two_sum(r, 2 * d)
     # r is x + y rounded; when x + y is exactly halfway between r and q, the tail z decides.
-    return jnp.where((d != 0) & (g == 0) & (z * d > 0), q, r)
+    return jnp.where((d != 0) & (g == 0) & (jnp.sign(z) == jnp.sign(d)), q, r)
 
 
 def _mul(a: jax.Array, w: jax.Array) -> jax.Array:
