@@ -52,6 +52,11 @@ def scatter_vision(
     return jnp.where(hit[..., None], gathered, embeds)
 
 
+@nnx.jit
+def _jitted_logits(model, input_ids, segment_ids, position_ids, vision):
+    return model.forward(input_ids, segment_ids, position_ids, vision)[0]
+
+
 class QwenVLForConditionalGeneration(nnx.Module):
     def __init__(
         self,
@@ -97,12 +102,7 @@ class QwenVLForConditionalGeneration(nnx.Module):
             second_per_grid_ts,
             mm_token_type_ids,
         )
-        return self.forward(
-            jnp.asarray(x.input_ids),
-            jnp.asarray(x.segment_ids),
-            jnp.asarray(x.position_ids),
-            x.vision,
-        )[0]
+        return _jitted_logits(self, x.input_ids, x.segment_ids, x.position_ids, x.vision)
 
     def prepare(
         self,
