@@ -19,8 +19,8 @@ import numpy as np
 from tests.processor_fixtures import make_checkpoint
 
 IMAGES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")
-WORDS = tuple("the cat dog sat on a mat red blue green big small house tree sky under near far "
-              "bright dark old new round square".split(" "))
+WORDS = ("the", "cat", "dog", "sat", "on", "a", "mat", "red", "blue", "green", "big", "small",
+         "house", "tree", "sky", "under", "near", "far", "bright", "dark", "old", "new", "round")
 
 
 def skimage_image(name: str) -> str:
