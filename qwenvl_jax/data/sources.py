@@ -268,7 +268,7 @@ def _sharegpt_messages(raw: Any, media: dict[str, list[Any]]) -> list[dict[str, 
         text = turn.get("value", turn.get("content"))
         if not isinstance(text, str):
             raise malformed(f"a turn's 'value' must be a string, got {text!r:.60}")
-        if tagged:
+        if tagged and _TAG.search(text):
             content: Any = _split_tags(text, media)
         elif role == "user" and any(media.values()):
             # LLaVA convention: untagged media open the first user turn
