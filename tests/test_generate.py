@@ -273,6 +273,25 @@ def test_qwen_vl_v1_matches_the_original_code(tmp_path_factory):
     assert [o.prompt_tokens for o in outs] == [s["n_tokens"] for s in batch]
 
 
+def test_qwen_vl_v1_long_prompt_is_not_padded_in_front(tmp_path_factory):
+    """Past seq_length, v1 scales queries by their cache slot (logn attention): the prefill of
+    a prompt of more than 2048 tokens must equal a forward of the unpadded prompt."""
+    folder = v1_checkpoint(tmp_path_factory)
+    model = qj.from_pretrained(folder, dtype="float32")
+    processor = qj.Processor.from_pretrained(folder)
+    messages = [{"role": "user", "content": "words and more words " * 520}]
+    prep = Generator.for_model(model).prepare(processor, [messages], 4)
+    x = prep.inputs
+    assert prep.prompt_bucket == prep.prompt_tokens[0] > model.config.text.seq_length
+    graphdef, state = nnx.split(model)
+    prefill = jax.jit(lambda s, *a: prefill_logits(
+        nnx.merge(graphdef, s), *a, cache_len=prep.prompt_bucket + prep.new_bucket,
+        ntk_alpha=x.ntk_alpha))
+    got = np.asarray(prefill(state, x.input_ids, x.segment_ids, x.position_ids, x.vision)[0])
+    ref = np.asarray(model(processor(messages)["input_ids"]))[:, -1]
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
 # ------------------------------------------------------------------------------ sampling filters
 
 

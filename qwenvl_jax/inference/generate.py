@@ -261,6 +261,9 @@ class Generator:
                         max_new_tokens, limit - longest, limit)
             max_new_tokens = limit - longest
         P, N = length_bucket(longest), length_bucket(max_new_tokens, minimum=32)
+        text = model.config.text
+        if text.use_logn_attn and longest + max_new_tokens > text.seq_length:
+            P = longest  # Qwen-VL v1 scales queries past seq_length by cache slot: no padding
         pad_id = getattr(processor, "pad_token_id", None)
         if pad_id is None:
             pad_id = (list(getattr(processor, "eos_token_ids", [])) or [0])[0]
