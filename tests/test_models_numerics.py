@@ -91,3 +91,18 @@ def test_bfloat16_error_within_reference_bfloat16_error(family, tmp_path):
     ours_err = np.abs(ours16.astype(np.float32) - ours32)[valid].mean()
     ref_err = np.abs(ref16 - ref32)[valid].mean()
     assert 0 < ours_err <= 1.1 * ref_err
+
+
+def test_moe_layer_selection():
+    """decoder_sparse_step and mlp_only_layers pick the MoE layers as transformers does:
+    (i + 1) % step == 0 and i not in mlp_only_layers."""
+    from hf_models import hf_config
+
+    from qwenvl_jax.layers.mlp import GatedMLP
+    from qwenvl_jax.layers.moe import SparseMoE
+
+    hf = hf_config("qwen3_vl_moe").to_dict()
+    hf["text_config"].update(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3])
+    model = qj.build_model(from_hf(hf), abstract=True)
+    kinds = [type(layer.mlp) for layer in model.language_model.layers]
+    assert kinds == [GatedMLP, SparseMoE, GatedMLP, GatedMLP, GatedMLP, SparseMoE]
