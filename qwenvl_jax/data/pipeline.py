@@ -33,6 +33,7 @@ from qwenvl_jax.data.transforms import LOSS_ON, Example, SampleTransform, Skippe
 from qwenvl_jax.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+LOG_EVERY = 100  # batches between the INFO lines with the counters and the padding share
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,6 +140,8 @@ class TrainIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, Any]:
         batch, stats = next(self._parent)
         self.stats.add(DataStats.from_dict(stats))
+        if self.stats.batches % LOG_EVERY == 0:
+            logger.info("data: %s", self.stats.describe())
         return batch
 
     def get_state(self) -> dict[str, Any]:

@@ -84,6 +84,12 @@ class DataStats:
         """`samples N, skipped M`, the line the CLI prints last."""
         return f"samples {self.samples}, skipped {self.num_skipped}"
 
+    def describe(self) -> str:
+        """The summary with the reasons for skips and the padding share, for logs."""
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
+        return (f"{self.summary()}{f' ({reasons})' if reasons else ''}, {self.batches} batches, "
+                f"padding share {self.padding_share:.1%}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
