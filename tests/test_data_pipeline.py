@@ -124,6 +124,21 @@ def test_resume_with_worker_processes(env):
     again.close()
 
 
+def test_the_seed_decides_the_order(env):
+    processor, config, data = env
+
+    def order(seed: int) -> list[int]:
+        it = make_train_iterator(_config(data, num_epochs=1), processor, config, 0, 1, seed=seed)
+        numbers = [n for batch in it for n in _sample_numbers(processor, batch)]
+        it.close()
+        return numbers
+
+    first = order(11)
+    assert sorted(first) == list(range(N))
+    assert order(11) == first
+    assert order(12) != first
+
+
 def test_two_processes_read_disjoint_shards_that_cover_the_data(env):
     processor, config, data = env
     seen = []

@@ -40,15 +40,18 @@ LOG_EVERY = 100  # batches between the INFO lines with the counters and the padd
 class DataConfig:
     """The `data` section of a training config (batch_size, seq_len and seed live at the top).
 
+    batch_size: rows of the global batch; each of P processes makes batches of batch_size / P
+      rows (it must divide);
+
     train: a JSONL file, a `qwenvl-jax data` output folder, an .array_record file, or
       `tfds:NAME[:SPLIT]` (with `tfds_data_dir`);
-    max_patches: ViT patches per batch (Qwen2/2.5/3-VL; default 2 * batch_size * seq_len, a
-      multiple of 4); max_images: images per batch (Qwen-VL v1; default batch_size *
-      max(1, seq_len // 512)). 0 makes a text-only run;
+    max_patches: ViT patches of one process's batch (Qwen2/2.5/3-VL; default 2 * rows *
+      seq_len, a multiple of 4); max_images: images of one process's batch (Qwen-VL v1; default
+      rows * max(1, seq_len // 512)). 0 makes a text-only run;
     loss_on: "assistant" or "all"; strict: a bad sample is an error instead of a counted skip;
     shuffle / num_epochs (None: repeat forever); num_workers: Grain worker processes (0: this
     process); read_threads: threads per process running the transforms; prefetch: batches
-    buffered ahead; max_pending: examples that may wait for a later batch (default batch_size);
+    buffered ahead; max_pending: examples that may wait for a later batch (default: the rows);
     max_consecutive_skips: that many bad samples in a row is an error (the data is unusable).
     """
 
@@ -102,16 +105,24 @@ class DataConfig:
         if self.max_patches is not None and (self.max_patches < 0 or self.max_patches % 4):
             raise ConfigError(f"data.max_patches must be a multiple of 4, got {self.max_patches}")
 
-    def patch_budget(self, model_config: ModelConfig) -> tuple[int, int]:
-        """(max_patches, max_images) for this model family, defaults filled in."""
+    def rows(self, process_count: int) -> int:
+        """Rows of each process's batches."""
+        if self.batch_size % process_count:
+            raise ConfigError(f"batch_size {self.batch_size} is not a multiple of the "
+                              f"{process_count} processes")
+        return self.batch_size // process_count
+
+    def patch_budget(self, model_config: ModelConfig, rows: int) -> tuple[int, int]:
+        """(max_patches, max_images) of a batch of `rows` rows for this family, defaults filled
+        in."""
         if model_config.family == "qwen_vl":
             images = self.max_images
             if images is None:
-                images = self.batch_size * max(1, self.seq_len // 512)
+                images = rows * max(1, self.seq_len // 512)
             return 0, images
         patches = self.max_patches
         if patches is None:
-            patches = 2 * self.batch_size * self.seq_len
+            patches = 2 * rows * self.seq_len
         return patches, 0
 
 
@@ -175,7 +186,8 @@ def make_train_iterator(
         process_index, process_count = jax.process_index(), jax.process_count()
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} is not in [0, {process_count})")
-    max_patches, max_images = cfg.patch_budget(model_config)
+    rows = cfg.rows(process_count)
+    max_patches, max_images = cfg.patch_budget(model_config, rows)
     source = open_source(cfg.train, tfds_data_dir=cfg.tfds_data_dir)
     written_for = getattr(source, "metadata", {}).get("family")
     if written_for and written_for != model_config.family:
@@ -195,7 +207,7 @@ def make_train_iterator(
     ds = ds.map(_SafeTransform(transform, cfg.strict))
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                    prefetch_buffer_size=4 * cfg.read_threads))
-    iter_ds = PackIterDataset(iter_ds, model_config, cfg.batch_size, cfg.seq_len,
+    iter_ds = PackIterDataset(iter_ds, model_config, rows, cfg.seq_len,
                               max_patches=max_patches, max_images=max_images,
                               max_pending=cfg.max_pending,
                               max_consecutive_skips=cfg.max_consecutive_skips)
@@ -208,7 +220,7 @@ def make_train_iterator(
             iter_ds, prefetch_buffer_size=cfg.prefetch)
     logger.info("data: %s, process %d/%d, %d records here, batch %dx%d, patches %d, images %d",
                 source, process_index, process_count, records,
-                cfg.batch_size, cfg.seq_len, max_patches, max_images)
+                rows, cfg.seq_len, max_patches, max_images)
     return TrainIterator(iter(iter_ds))
 
 
