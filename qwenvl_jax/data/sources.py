@@ -46,6 +46,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
          "model": "assistant", "bot": "assistant", "system": "system", "tool": "tool"}
 _TAG = re.compile(r"<(image|video)>")
 _MEDIA_KINDS = ("image", "video")
+_SOURCE_KEYS = {"image": ("image", "image_url", "path", "url"), "video": ("video", "path", "url")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,23 +220,30 @@ def _content_entry(item: Any, base_dir: str | os.PathLike, media: dict[str, list
     kind = item.get("type")
     if kind == "box" or "box" in item:
         return _box_entry(item)
-    for media_kind in _MEDIA_KINDS:
-        keys = ("image", "image_url", "path", "url") if media_kind == "image" else (
-            "video", "path", "url")
-        if kind == media_kind or media_kind in item or (media_kind == "image" and "image_url" in
-                                                        item):
-            out = {k: v for k, v in item.items() if k not in keys}
-            source = next((item[k] for k in keys if item.get(k) is not None), None)
-            if isinstance(source, Mapping):  # {"image_url": {"url": ...}}
-                source = source.get("url")
-            if source is None:
-                source = _take(media, media_kind)
-            else:
-                source = resolve_media(source, base_dir, media_kind)
-            return {**out, "type": media_kind, media_kind: source}
+    media_kind = _media_kind(item)
+    if media_kind is not None:
+        keys = _SOURCE_KEYS[media_kind]
+        source = next((item[k] for k in keys if item.get(k) is not None), None)
+        if isinstance(source, Mapping):  # {"image_url": {"url": ...}}
+            source = source.get("url")
+        if source is None:  # the source comes from the record's "images" / "videos" list
+            source = _take(media, media_kind)
+        else:
+            source = resolve_media(source, base_dir, media_kind)
+        rest = {k: v for k, v in item.items() if k not in keys}
+        return {**rest, "type": media_kind, media_kind: source}
     if kind in (None, "text") and isinstance(item.get("text"), str):
         return {"type": "text", "text": item["text"]}
     raise malformed(f"unsupported content entry {dict(item)!r:.80}")
+
+
+def _media_kind(item: Mapping[str, Any]) -> str | None:
+    """"image" / "video" for a media entry, by the chat templates' own test, else None."""
+    if item.get("type") == "image" or "image" in item or "image_url" in item:
+        return "image"
+    if item.get("type") == "video" or "video" in item:
+        return "video"
+    return None
 
 
 def _box_entry(item: Mapping[str, Any]) -> dict[str, Any]:
