@@ -92,6 +92,11 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, family,
         _transformers_logits(back, family, torch_dtype),
         _transformers_logits(src, family, torch_dtype),
     )
+    if dtype == "bfloat16":  # restored in another dtype: cast on read, as from the HF folder
+        _assert_bit_identical(
+            params_as_numpy(from_pretrained(src, dtype="float32")),
+            params_as_numpy(from_pretrained(tmp_path / "orbax", dtype="float32")),
+        )
 
 
 def test_orbax_restores_the_hf_weights_and_gives_reference_logits(tmp_path, moe_src):
@@ -310,6 +315,27 @@ def test_fp8_checkpoint_dequantises_in_convert_and_from_pretrained(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(from_pretrained(fp8_dir, dtype="bfloat16")(**inputs)), np.asarray(ref(**inputs))
     )
+
+
+def test_save_model_of_a_trained_model_restores_and_exports(tmp_path, moe_src):
+    """The training side: `save_model(model, folder, config=HF config)` is a folder that
+    `from_pretrained` restores and `convert --to hf` exports (experts in the hub layout)."""
+    model = from_pretrained(moe_src, dtype="float32")
+    config = json.loads((moe_src / "config.json").read_text())
+    folder = tmp_path / "model"
+    orbax_io.save_model(model, folder, config=config, chunk_bytes=2**16)
+    assert orbax_io.is_orbax_folder(folder)
+    _assert_bit_identical(
+        params_as_numpy(model), params_as_numpy(from_pretrained(folder, dtype="float32"))
+    )
+    with pytest.raises(CheckpointError, match="already exists"):
+        orbax_io.save_model(model, folder, config=config)
+    assert _cli(folder, tmp_path / "hf", "--to", "hf") == 0
+    got = _tensors(tmp_path / "hf")
+    for key, a in _tensors(moe_src).items():
+        if "experts" in key:
+            a = np.swapaxes(a, 1, 2)
+        assert got[key].tobytes() == np.ascontiguousarray(a).tobytes(), key
 
 
 # ----------------------------------------------------------------------------- sharding

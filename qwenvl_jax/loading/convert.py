@@ -275,15 +275,15 @@ def _import_groups(
     chunk_bytes: int,
     progress: Callable[[int], Any],
 ) -> Iterator[dict[str, jax.Array]]:
-    """Groups of at most `chunk_bytes` of placed parameters, each made only once the previous
-    one has been saved and dropped; within a group one host tensor is alive at a time."""
+    """Groups of placed parameters (at most `orbax_io.chunk_size` bytes), each made only once
+    the previous one has been saved and dropped; one host tensor is alive at a time."""
 
     def nbytes(path: str) -> int:
         return int(np.prod(abstract[path].shape)) * np.dtype(abstract[path].dtype).itemsize
 
-    paths = dict(plan)
-    sizes = ((key, sum(nbytes(p) for p in paths[key])) for key, _ in plan)
-    for keys in orbax_io.group_by_size(sizes, chunk_bytes):
+    sizes = [(key, sum(nbytes(p) for p in paths)) for key, paths in plan]
+    limit = orbax_io.chunk_size(sum(n for _, n in sizes), chunk_bytes)
+    for keys in orbax_io.group_by_size(sizes, limit):
         group = {}
         for key in keys:
             group.update(_import_one(key, reader.get(key), mapping, abstract))

@@ -6,8 +6,9 @@ dict keyed by the parts of the dotted parameter path, `{"language_model": {"laye
 config.json (the Hugging Face config, or our own `ModelConfig.to_dict()` format) and the
 tokenizer/processor files.
 
-Parameters are written with Orbax's partial save: each group of at most `chunk_bytes` is saved and
-freed before the next is built, so a model never has to be whole in memory; arrays sharded over a
+Parameters are written with Orbax's partial save: each group of at most `chunk_bytes` (256 MiB,
+more for models past 32 GB, see `chunk_size`) is saved and freed before the next is built, so a
+model never has to be whole in memory; arrays sharded over a
 multi-host mesh are written by the processes that hold their shards. Restoring passes Orbax
 abstract targets that carry each parameter's `NamedSharding`, so every array is read straight
 into its shards on the mesh.
@@ -35,6 +36,9 @@ PARAMS_DIR = "params"
 FORMAT = "qwenvl_jax.orbax"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Each Orbax partial save reads the metadata of every earlier one, so their number is bounded:
+# groups grow past DEFAULT_CHUNK_BYTES for models over 32 GB (3.7 GB groups for 235B in bf16).
+MAX_GROUPS = 128
 
 
 def _ocp():
@@ -124,6 +128,12 @@ def flat_params(model: nnx.Module) -> dict[str, Any]:
     }
 
 
+def chunk_size(total_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """The group size for saving `total_bytes`: `chunk_bytes`, or more to stay within
+    MAX_GROUPS partial saves."""
+    return max(chunk_bytes, -(-total_bytes // MAX_GROUPS))
+
+
 def group_by_size(items: Iterable[tuple[str, int]], limit: int) -> Iterator[list[str]]:
     """Consecutive groups of names whose sizes sum to at most `limit` (a larger item alone)."""
     group: list[str] = []
@@ -139,8 +149,9 @@ def group_by_size(items: Iterable[tuple[str, int]], limit: int) -> Iterator[list
 
 
 def _groups(params: Mapping[str, Any], chunk_bytes: int) -> Iterator[dict[str, Any]]:
-    sizes = ((p, int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize) for p, a in params.items())
-    return ({p: params[p] for p in names} for names in group_by_size(sizes, chunk_bytes))
+    sizes = [(p, int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize) for p, a in params.items()]
+    limit = chunk_size(sum(n for _, n in sizes), chunk_bytes)
+    return ({p: params[p] for p in names} for names in group_by_size(sizes, limit))
 
 
 def save_param_groups(
@@ -153,6 +164,10 @@ def save_param_groups(
     """
     ocp = _ocp()
     directory = Path(directory)
+    # A partial save continues any unfinished one at the same path: start from nothing.
+    stale = sorted(directory.parent.glob(f"{directory.name}*"))
+    if stale:
+        raise CheckpointError(f"{stale[0]}: already exists (save into a new folder)")
     written: dict[str, tuple[tuple[int, ...], str]] = {}
     for group in groups:
         for path, array in group.items():
@@ -209,7 +224,7 @@ def save_model(
     if config is None or family is None:
         raise ValueError("save_model of parameters without a model needs config= and family=")
     if (folder / PARAMS_DIR).exists():
-        raise CheckpointError(f"{folder}: already holds {PARAMS_DIR}/")
+        raise CheckpointError(f"{folder / PARAMS_DIR}: already exists (save into a new folder)")
     folder.mkdir(parents=True, exist_ok=True)
     written = save_param_groups(groups, folder / PARAMS_DIR)
     if dtype is None:
