@@ -225,29 +225,63 @@ def test_converted_folder_serves_the_processor(tmp_path_factory, tmp_path):
 
 # ----------------------------------------------------------------------------- FP8
 
-BLOCK = 128
+BLOCK = (128, 128)
 
 
-def _quantise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32[R, C] -> (float8_e4m3fn[R, C], scale_inv float32[ceil(R/128), ceil(C/128)])."""
-    rows, cols = w.shape
-    gr, gc = -(-rows // BLOCK), -(-cols // BLOCK)
-    scale = torch.empty(gr, gc)
-    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+def _quantise(w: torch.Tensor, block=BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32[..., R, C] -> (float8_e4m3fn[..., R, C], scale_inv float32[..., ceil(R/b0),
+    ceil(C/b1)]): one scale per block (partial blocks at the edges), amax mapped to 448."""
+    (b0, b1), (rows, cols) = block, w.shape[-2:]
+    gr, gc = -(-rows // b0), -(-cols // b1)
+    scale = torch.empty(*w.shape[:-2], gr, gc)
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
     for i in range(gr):
         for j in range(gc):
-            blk = w[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK]
-            scale[i, j] = blk.abs().max().clamp(min=1e-12) / 448.0
-            q[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK] = (blk / scale[i, j]).to(
-                torch.float8_e4m3fn
-            )
+            rs, cs = slice(i * b0, (i + 1) * b0), slice(j * b1, (j + 1) * b1)
+            blk = w[..., rs, cs]
+            s = blk.abs().amax(dim=(-2, -1)).clamp(min=1e-12) / 448.0
+            scale[..., i, j] = s
+            q[..., rs, cs] = (blk / s[..., None, None]).to(torch.float8_e4m3fn)
     return q, scale
 
 
-def _dequantise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    rows, cols = q.shape
-    full = scale.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+def _dequantise(q: torch.Tensor, scale: torch.Tensor, block=BLOCK) -> torch.Tensor:
+    (b0, b1), (rows, cols) = block, q.shape[-2:]
+    full = scale.repeat_interleave(b0, -2)[..., :rows, :].repeat_interleave(b1, -1)[..., :cols]
     return (q.float() * full).to(torch.bfloat16)
+
+
+def _bf16_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+
+
+def test_fp8_fused_experts_dequantise_per_expert(tmp_path, moe_src):
+    """Qwen3-VL-MoE FP8: fused expert tensors carry one scale grid per expert."""
+    from safetensors.torch import save_file
+
+    block = (32, 64)  # several blocks per expert, partial ones at the edges (96, 48)
+    tensors, expected = {}, {}
+    for key, a in _tensors(moe_src).items():
+        w = torch.from_numpy(a.copy())
+        if "experts" in key:
+            q, s = _quantise(w, block)
+            tensors[key], tensors[key + "_scale_inv"] = q, s
+            expected[key] = _bf16_numpy(_dequantise(q, s, block))
+        else:
+            tensors[key] = w.to(torch.bfloat16)
+            expected[key] = _bf16_numpy(tensors[key])
+    key = "model.language_model.layers.0.mlp.experts.gate_up_proj_scale_inv"
+    assert tensors[key].shape == (8, 3, 2)
+    src = tmp_path / "fp8"
+    src.mkdir()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((moe_src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (src / "config.json").write_text(json.dumps(config))
+
+    assert _cli(src, tmp_path / "orbax") == 0
+    assert _cli(tmp_path / "orbax", tmp_path / "back", "--to", "hf") == 0
+    _assert_bit_identical(expected, _tensors(tmp_path / "back"))
 
 
 def test_fp8_checkpoint_dequantises_in_convert_and_from_pretrained(tmp_path):
@@ -289,7 +323,7 @@ def test_fp8_checkpoint_dequantises_in_convert_and_from_pretrained(tmp_path):
         "quant_method": "fp8",
         "fmt": "e4m3",
         "activation_scheme": "dynamic",
-        "weight_block_size": [BLOCK, BLOCK],
+        "weight_block_size": list(BLOCK),
     }
     (fp8_dir / "config.json").write_text(json.dumps(config))
 
@@ -297,9 +331,7 @@ def test_fp8_checkpoint_dequantises_in_convert_and_from_pretrained(tmp_path):
     assert _cli(fp8_dir, tmp_path / "orbax") == 0
     assert orbax_io.read_marker(tmp_path / "orbax")["dtype"] == "bfloat16"
     assert _cli(tmp_path / "orbax", tmp_path / "back", "--to", "hf") == 0
-    expected = {
-        k: v.view(torch.uint16).numpy().view(ml_dtypes.bfloat16) for k, v in dequantised.items()
-    }
+    expected = {k: _bf16_numpy(v) for k, v in dequantised.items()}
     _assert_bit_identical(expected, _tensors(tmp_path / "back"))
     exported = json.loads((tmp_path / "back" / "config.json").read_text())
     assert "quantization_config" not in exported and exported["dtype"] == "bfloat16"
