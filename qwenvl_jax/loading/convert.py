@@ -41,7 +41,7 @@ from qwenvl_jax.loading.writer import write_safetensors
 logger = logging.getLogger(__name__)
 
 DTYPES = ("bfloat16", "float32")
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers reads max_shard_size="5GB" as 10**9 units
 # Files that are weights, indexes or written here; every other top-level file travels with DST
 # (tokenizer.json, vocab.json, merges.txt, qwen.tiktoken, chat_template.json/.jinja,
 # preprocessor_config.json, video_preprocessor_config.json, generation_config.json, remote code).
