@@ -1,0 +1,68 @@
+"""The optimiser of a stage: AdamW with linear warmup then cosine decay, weight decay masked off
+norms and biases, global-norm clipping, and gradient accumulation (`optax.MultiSteps`).
+
+It is built over the trainable state only (see train/freeze.py), so frozen parameters hold no
+optimiser state. Moments are kept in the dtype of the master weights (`param_dtype`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+from flax import nnx
+
+from qwenvl_jax.train.config import TrainConfig
+from qwenvl_jax.train.freeze import path_str
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """0 -> learning_rate over warmup_steps, then cosine to end_learning_rate_ratio * peak at
+    `steps` (counted in optimiser steps)."""
+    peak = cfg.learning_rate
+    end = peak * cfg.end_learning_rate_ratio
+    if cfg.warmup_steps == 0:
+        return optax.cosine_decay_schedule(peak, max(cfg.steps, 1),
+                                           alpha=cfg.end_learning_rate_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=end)
+
+
+def decay_mask(params: nnx.State, no_decay: tuple[str, ...] = ()) -> nnx.State:
+    """True for parameters that get weight decay: matrices (and stacked expert tensors), not norm
+    scales or biases (1-D), nor paths matching a `no_decay` regex."""
+    rx = [re.compile(p) for p in no_decay]
+
+    def decays(path: str, v) -> bool:
+        return v.ndim >= 2 and not any(r.fullmatch(path) for r in rx)
+
+    return nnx.from_flat_state(
+        [(p, v.replace(decays(path_str(p), v))) for p, v in nnx.to_flat_state(params)])
+
+
+def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
+    """The optax transformation for the trainable state `params` (concrete or abstract)."""
+    schedule = learning_rate_schedule(cfg)
+    parts = []
+    if cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay,
+                             mask=decay_mask(params, cfg.no_decay)))
+    tx = optax.chain(*parts)
+    if cfg.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+    return tx
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_state, param_shardings,
+                        replicated: jax.sharding.Sharding):
+    """Shardings of an optimiser state: parameter-shaped entries (moments, accumulated
+    gradients) like their parameter, counters and scalars replicated."""
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_state, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+__all__ = ["decay_mask", "learning_rate_schedule", "make_optimizer", "opt_state_shardings"]

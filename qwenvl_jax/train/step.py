@@ -1,0 +1,197 @@
+"""The jitted train step over the (data, fsdp, tensor, expert) mesh.
+
+The model state is split once into trainable parameters, frozen parameters and the graph
+(train/freeze.py). The train state is `{"step", "params", "opt_state"}`, sharded by the logical
+axes of each parameter (optimiser moments like their parameter); the frozen parameters are a
+separate, never donated, never differentiated input. A batch (qwenvl_jax/data/batch.py) is
+sharded over the batch axes. The loss is the token cross-entropy over `loss_mask`, averaged over
+the counted tokens, plus `aux_loss_coef` times the MoE load-balancing loss (Qwen3-VL-MoE).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwenvl_jax.data.batch import TEXT_KEYS, batch_to_model_inputs
+from qwenvl_jax.layers.moe import load_balancing_loss
+from qwenvl_jax.sharding import logical_to_spec, state_shardings, use_mesh
+from qwenvl_jax.train.config import TrainConfig
+from qwenvl_jax.train.freeze import split_trainable
+from qwenvl_jax.train.optim import learning_rate_schedule, make_optimizer, opt_state_shardings
+
+log = logging.getLogger(__name__)
+
+TrainState = dict  # {"step": int32[], "params": nnx.State, "opt_state": optax state}
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(sum of -log p(target) over mask, number of counted tokens), in float32.
+    logits: float[B, T, V]; targets: int[B, T]; mask: float[B, T]."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+class Trainer:
+    """The train step of one run: state layout, shardings and the compiled step.
+
+    `model` is the built (possibly remat/scan configured) model; its parameters are split by
+    `cfg.freeze`. Usage: `state = trainer.init_state()`, then
+    `state, metrics = trainer.step(state, batch)` per micro-batch.
+    """
+
+    def __init__(self, model: nnx.Module, cfg: TrainConfig, mesh: Mesh):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.config = model.config
+        self.graphdef, params, frozen, self.mask = split_trainable(model, cfg.freeze)
+        self.tx = make_optimizer(cfg, params)
+        self.schedule = learning_rate_schedule(cfg)
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        param_sh = state_shardings(params, mesh)
+        self.frozen_shardings = state_shardings(frozen, mesh)
+        abs_opt = jax.eval_shape(self.tx.init, params)
+        self.state_shardings = {
+            "step": self.replicated,
+            "params": param_sh,
+            "opt_state": opt_state_shardings(self.tx, abs_opt, param_sh, self.replicated),
+        }
+        self._initial_params: nnx.State | None = params
+        self._abstract_params = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, param_sh)
+        self.frozen = frozen
+        text = model.config.text
+        self.moe_top_k = text.num_experts_per_tok if text.num_experts else 0
+        coef = cfg.aux_loss_coef
+        self.aux_coef = float(text.router_aux_loss_coef if coef is None else coef)
+        self._compiled = None
+        self.step_flops: float | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def init_state(self) -> TrainState:
+        """Step 0: the model's trainable parameters and a fresh optimiser state (once: the
+        state is donated to the step)."""
+        params, self._initial_params = self._initial_params, None
+        if params is None:
+            raise RuntimeError("init_state() was called already")
+        init = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])
+        opt_state = init(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
+        return {"step": step, "params": params, "opt_state": opt_state}
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+                  "params": self._abstract_params,
+                  "opt_state": jax.eval_shape(self.tx.init, self._abstract_params)}
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            shapes, self.state_shardings)
+
+    def abstract_frozen(self) -> nnx.State:
+        """ShapeDtypeStructs with shardings of the frozen parameters (a restore target)."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.frozen, self.frozen_shardings)
+
+    def set_frozen(self, frozen: nnx.State) -> None:
+        """Frozen parameters from a checkpoint (the state comes from it too: the initial
+        parameters are dropped)."""
+        self.frozen = frozen
+        self._initial_params = None
+
+    def model(self, state: TrainState) -> nnx.Module:
+        """The full model (trained + frozen parameters) of a state."""
+        return nnx.merge(self.graphdef, state["params"], self.frozen)
+
+    def learning_rate(self, optimizer_step: int) -> float:
+        return float(self.schedule(optimizer_step))
+
+    # -- batches -------------------------------------------------------------------------------
+    def batch_sharding(self, key: str, shape: tuple[int, ...]) -> NamedSharding:
+        if key == "position_ids":
+            axes = (None, "batch", "length")
+        elif key in TEXT_KEYS:
+            axes = ("batch", "length")
+        else:  # vision inputs: replicated; the towers shard their tokens themselves
+            return self.replicated
+        return NamedSharding(self.mesh, logical_to_spec(axes, shape, self.mesh))
+
+    def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host batch -> global device arrays sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(
+                    self.batch_sharding(k, np.shape(v)), np.asarray(v))
+                for k, v in batch.items()}
+
+    # -- the step ------------------------------------------------------------------------------
+    def loss(self, params: nnx.State, frozen: nnx.State, batch: Mapping[str, jax.Array]
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        model = nnx.merge(self.graphdef, params, frozen)
+        input_ids, segment_ids, position_ids, vision = batch_to_model_inputs(batch)
+        logits, _, router = model.forward(input_ids, segment_ids, position_ids, vision)
+        ce_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        ce = ce_sum / jnp.maximum(count, 1.0)
+        aux = jnp.zeros((), jnp.float32)
+        if router and self.moe_top_k:
+            valid = (segment_ids > 0).reshape(-1)
+            aux = load_balancing_loss(jnp.stack(router), self.moe_top_k, valid)
+        loss = ce + self.aux_coef * aux
+        return loss, {"ce": ce, "aux_loss": aux, "loss_tokens": count,
+                      "tokens": jnp.sum(segment_ids > 0).astype(jnp.float32)}
+
+    def _step(self, state: TrainState, frozen: nnx.State, batch: Mapping[str, jax.Array]):
+        (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(
+            state["params"], frozen, batch)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    def compile(self, state: TrainState, batch: Mapping[str, jax.Array]) -> None:
+        in_sh = (self.state_shardings, self.frozen_shardings,
+                 {k: v.sharding for k, v in batch.items()})
+        jitted = jax.jit(self._step, in_shardings=in_sh,
+                         out_shardings=(self.state_shardings, self.replicated),
+                         donate_argnums=(0,))
+        with use_mesh(self.mesh):
+            self._compiled = jitted.lower(state, self.frozen, batch).compile()
+        self.step_flops = _flops(self._compiled)
+
+    def ensure_compiled(self, state: TrainState, batch: Mapping[str, jax.Array]) -> None:
+        if self._compiled is None:
+            self.compile(state, batch)
+
+    def step(self, state: TrainState, batch: Mapping[str, Any]
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One micro-batch: forward, backward and the optimiser (which, with gradient
+        accumulation, applies the mean gradient on every grad_accum-th call). Donates `state`."""
+        if any(not isinstance(v, jax.Array) for v in batch.values()):
+            batch = self.put_batch(batch)
+        if self._compiled is None:
+            self.compile(state, batch)
+        return self._compiled(state, self.frozen, batch)
+
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend reports a cost analysis
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+__all__ = ["Trainer", "TrainState", "cross_entropy"]
