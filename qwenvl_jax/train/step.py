@@ -155,7 +155,7 @@ class Trainer:
             state["params"], frozen, batch)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     def compile(self, state: TrainState, batch: Mapping[str, jax.Array]) -> None:
