@@ -29,6 +29,7 @@ from qwenvl_jax.sharding import make_mesh
 from qwenvl_jax.train import blocks
 from qwenvl_jax.train.checkpoint import Checkpoints, StopSignal
 from qwenvl_jax.train.config import MeshConfig, TrainConfig, resolve_model_path
+from qwenvl_jax.train.flops import step_flops
 from qwenvl_jax.train.freeze import summary
 from qwenvl_jax.train.metrics import MetricsLog, peak_flops
 from qwenvl_jax.train.step import Trainer
@@ -128,17 +129,18 @@ def export_model(model: nnx.Module, folder: Path, source: str) -> None:
     log.info("model written to %s", folder)
 
 
-def _record(step: int, ms: list[dict], lr: float, dt: float, flops: float | None,
-            peak: float, pad: float) -> dict[str, Any]:
+def _record(step: int, ms: list[dict], lr: float, dt: float, flops: float, peak: float,
+            pad: float) -> dict[str, Any]:
+    """The metrics.jsonl record of one optimiser step: means over its micro-batches, throughput
+    (tokens/s: non-padding tokens), and MFU = model FLOPs / time / peak of all devices."""
     mean = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
     tokens = float(np.sum([m["tokens"] for m in ms]))
     rec = {"step": step, "loss": mean["loss"], "learning_rate": lr,
            "tokens_per_s": tokens / dt if dt > 0 else 0.0,
            "ce": mean["ce"], "aux_loss": mean["aux_loss"], "grad_norm": mean["grad_norm"],
            "loss_tokens": float(np.sum([m["loss_tokens"] for m in ms])), "tokens": tokens,
-           "padding_share": pad, "step_time_s": dt}
-    if flops:
-        rec["mfu"] = flops / dt / peak
+           "padding_share": pad, "step_time_s": dt,
+           "mfu": flops / dt / peak if dt > 0 else 0.0}
     return rec
 
 
@@ -190,10 +192,11 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
                dynamic_ncols=True, desc=f"stage {cfg.stage}")
     try:
         while step < cfg.steps:
-            micro, dt, pad = [], 0.0, []
+            micro, dt, pad, flops = [], 0.0, [], 0.0
             for _ in range(cfg.grad_accum):
                 host = next(data)
                 pad.append(padding_share(host))
+                flops += step_flops(config, host)
                 batch = trainer.put_batch(host)
                 trainer.ensure_compiled(state, batch)
                 t0 = time.perf_counter()
@@ -201,9 +204,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
                 micro.append(jax.device_get(m))
                 dt += time.perf_counter() - t0
             step += 1
-            flops = trainer.step_flops * cfg.grad_accum if trainer.step_flops else None
-            rec = _record(step, micro, trainer.learning_rate(step - 1), dt, flops, peak,
-                          float(np.mean(pad)))
+            rec = _record(step, micro, trainer.learning_rate(step - 1), dt, flops,
+                          peak * mesh.size, float(np.mean(pad)))
             pending.append(rec)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 metrics.write(_mean_records(pending))

@@ -11,6 +11,7 @@ the counted tokens, plus `aux_loss_coef` times the MoE load-balancing loss (Qwen
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,7 +78,6 @@ class Trainer:
         coef = cfg.aux_loss_coef
         self.aux_coef = float(text.router_aux_loss_coef if coef is None else coef)
         self._compiled = None
-        self.step_flops: float | None = None
 
     # -- state ---------------------------------------------------------------------------------
     def init_state(self) -> TrainState:
@@ -164,9 +164,10 @@ class Trainer:
         jitted = jax.jit(self._step, in_shardings=in_sh,
                          out_shardings=(self.state_shardings, self.replicated),
                          donate_argnums=(0,))
+        t = time.perf_counter()
         with use_mesh(self.mesh):
             self._compiled = jitted.lower(state, self.frozen, batch).compile()
-        self.step_flops = _flops(self._compiled)
+        log.info("train step compiled in %.1f s", time.perf_counter() - t)
 
     def ensure_compiled(self, state: TrainState, batch: Mapping[str, jax.Array]) -> None:
         if self._compiled is None:
@@ -181,17 +182,6 @@ class Trainer:
         if self._compiled is None:
             self.compile(state, batch)
         return self._compiled(state, self.frozen, batch)
-
-
-def _flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # not every backend reports a cost analysis
-        return None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
 
 
 __all__ = ["Trainer", "TrainState", "cross_entropy"]

@@ -1,0 +1,230 @@
+"""Train-step speed of qwenvl_jax against `transformers`: the same small random model, one step
+of forward, backward and AdamW on the same batch, side by side.
+
+For each family a small model (4 decoder layers of width 256, a 2-block ViT of width 128, a
+4,096-token vocabulary) is built in transformers, its weights loaded into qwenvl_jax, and both
+libraries train on the same B x L tokens (one picture and text per row, no padding) in float32:
+
+- ours: the jitted, sharded `Trainer.step` of `qwenvl-jax train` (everything trained, AdamW,
+  clipping), timed after compilation;
+- transformers: `model(**inputs, labels=...).loss` (plus the MoE balance loss), `backward()`,
+  gradient clipping and `torch.optim.AdamW.step()`, in eager mode.
+
+tokens/s = B * L / step time. MFU = model FLOPs of the step / step time / peak FLOP/s, with the
+model FLOPs counted from the config and the batch (qwenvl_jax/train/flops.py: the matmuls of the
+tokens present, 3x the forward; the same number for both sides) and the peak of this machine
+measured as the best float32 1024^3 matmul rate (a CPU has no published figure), or the table
+in qwenvl_jax/train/metrics.py on accelerators. Each time is the median of --steps steps after
+--warmup steps.
+
+    python bench/train.py [--family qwen2_vl ...] [--batch 4] [--seq 256] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+IDS = dict(image_token_id=4000, video_token_id=4001, vision_start_token_id=4002,
+           vision_end_token_id=4003)
+GRID = (1, 8, 8)  # patches of the picture in each row: 16 merged tokens
+
+
+def hf_config(family: str):
+    """A small model of `family` as a transformers config."""
+    import transformers
+
+    qwen3 = family.startswith("qwen3")
+    rope = {"rope_type": "default", "rope_theta": 1e6,
+            "mrope_section": [8, 12, 12] if not qwen3 else [12, 10, 10]}
+    if qwen3:
+        rope["mrope_interleaved"] = True
+    text = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                max_position_embeddings=32768, rope_parameters=rope)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=128, hidden_size=256, num_heads=2, mlp_ratio=4,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **IDS)
+    if family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=128, intermediate_size=384, num_heads=2,
+                      out_hidden_size=256, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+                      hidden_act="silu")
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **IDS)
+    text.update(head_dim=64)
+    vision = dict(depth=2, hidden_size=128, intermediate_size=384, num_heads=2,
+                  out_hidden_size=256, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0],
+                  hidden_act="gelu_pytorch_tanh")
+    if family == "qwen3_vl_moe":
+        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=192,
+                    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
+        return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **IDS)
+    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **IDS)
+
+
+def make_rows(family: str, cfg, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """HF-style inputs: each row a picture (GRID) then text, exactly `seq` tokens."""
+    rng = np.random.default_rng(seed)
+    t, h, w = GRID
+    n = t * h * w // 4
+    patch_dim = 3 * 2 * cfg.vision.patch_size**2
+    ids = np.zeros((batch, seq), np.int64)
+    types = np.zeros((batch, seq), np.int64)
+    for b in range(batch):
+        ids[b, 0] = 1
+        ids[b, 1] = IDS["vision_start_token_id"]
+        ids[b, 2:2 + n] = IDS["image_token_id"]
+        types[b, 2:2 + n] = 1
+        ids[b, 2 + n] = IDS["vision_end_token_id"]
+        ids[b, 3 + n:] = rng.integers(10, 3900, seq - 3 - n)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "mm_token_type_ids": types,
+            "pixel_values": rng.standard_normal((batch * t * h * w, patch_dim)).astype(np.float32),
+            "image_grid_thw": np.tile(np.asarray([GRID]), (batch, 1))}
+
+
+def our_batch(model, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The training batch contract for the same rows: loss on every next token."""
+    from qwenvl_jax.data.batch import vision_fields
+
+    x = model.prepare(rows["input_ids"], rows["attention_mask"], rows["pixel_values"],
+                      rows["image_grid_thw"])
+    ids = np.asarray(x.input_ids)
+    targets = np.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    mask = np.zeros(ids.shape, np.float32)
+    mask[:, :-1] = 1
+    return {"input_ids": ids, "segment_ids": np.asarray(x.segment_ids),
+            "position_ids": np.asarray(x.position_ids), "targets": targets, "loss_mask": mask,
+            **vision_fields(x.vision)}
+
+
+def time_ours(folder: Path, rows, steps: int, warmup: int) -> tuple[float, float, float]:
+    """(median step seconds, model FLOPs per step, compile seconds) of our train step."""
+    import jax
+
+    import qwenvl_jax as qj
+    from qwenvl_jax.sharding import make_mesh
+    from qwenvl_jax.train.config import from_dict
+    from qwenvl_jax.train.flops import step_flops
+    from qwenvl_jax.train.step import Trainer
+
+    model = qj.from_pretrained(folder, dtype="float32")
+    batch_np = our_batch(model, rows)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    B, L = rows["input_ids"].shape
+    cfg = from_dict({"freeze": [[".*", "train"]], "learning_rate": 1e-5, "warmup_steps": 0,
+                     "steps": 1000, "batch_size": B, "seq_len": L, "clip_norm": 1.0,
+                     "weight_decay": 0.0})
+    trainer = Trainer(model, cfg, mesh)
+    state = trainer.init_state()
+    batch = trainer.put_batch(batch_np)
+    t = time.perf_counter()
+    trainer.ensure_compiled(state, batch)
+    compile_s = time.perf_counter() - t
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        state, m = trainer.step(state, batch)
+        jax.block_until_ready(m)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times)), step_flops(model.config, batch_np), compile_s
+
+
+def time_torch(folder: Path, family: str, rows, steps: int, warmup: int) -> float:
+    import torch
+    import transformers
+
+    cls = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "qwen3_vl": "Qwen3VLForConditionalGeneration",
+           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}[family]
+    model = getattr(transformers, cls).from_pretrained(folder, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    kw = {k: torch.from_numpy(v) for k, v in rows.items()}
+    labels = kw["input_ids"].clone()
+    moe = family == "qwen3_vl_moe"
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        loss = model(**kw, labels=labels, output_router_logits=moe).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", nargs="+", default=["qwen2_vl", "qwen3_vl_moe"], choices=FAMILIES)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", action="store_true", help="print one JSON object per family")
+    args = ap.parse_args()
+
+    import jax
+    import torch
+
+    from qwenvl_jax.config import from_hf
+    from qwenvl_jax.train.metrics import peak_flops
+
+    torch.manual_seed(0)
+    device = jax.devices()[0]
+    peak = peak_flops(device)
+    tokens = args.batch * args.seq
+    if not args.json:
+        print(f"device: {device.device_kind}, peak {peak / 1e9:.1f} GFLOP/s (float32 matmul, "
+              f"measured); torch threads {torch.get_num_threads()}; batch {args.batch} x "
+              f"{args.seq} tokens")
+        print(f"{'family':<14}{'params':>10}{'GFLOP/step':>12}{'compile s':>11}"
+              f"{'ours tok/s':>12}{'ours MFU':>10}{'torch tok/s':>13}{'torch MFU':>11}"
+              f"{'speed-up':>10}")
+    for family in args.family:
+        hf_cfg = hf_config(family)
+        cfg = from_hf(hf_cfg.to_dict())
+        rows = make_rows(family, cfg, args.batch, args.seq)
+        with tempfile.TemporaryDirectory() as tmp:
+            import transformers
+
+            cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+                   "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+                   "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+                   "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration}[family]
+            ref = cls(hf_cfg)
+            n_params = sum(p.numel() for p in ref.parameters())
+            ref.save_pretrained(tmp)
+            del ref
+            ours_s, flops, compile_s = time_ours(Path(tmp), rows, args.steps, args.warmup)
+            torch_s = time_torch(Path(tmp), family, rows, args.steps, args.warmup)
+        result = {"family": family, "params": n_params, "flops_per_step": flops,
+                  "compile_s": compile_s, "ours_tokens_per_s": tokens / ours_s,
+                  "torch_tokens_per_s": tokens / torch_s,
+                  "ours_mfu": flops / ours_s / peak, "torch_mfu": flops / torch_s / peak,
+                  "speedup": torch_s / ours_s, "peak_flops": peak}
+        if args.json:
+            print(json.dumps(result))
+            continue
+        print(f"{family:<14}{n_params / 1e6:>9.1f}M{flops / 1e9:>12.2f}{compile_s:>11.1f}"
+              f"{result['ours_tokens_per_s']:>12.0f}{100 * result['ours_mfu']:>9.1f}%"
+              f"{result['torch_tokens_per_s']:>13.0f}{100 * result['torch_mfu']:>10.1f}%"
+              f"{result['speedup']:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
