@@ -193,15 +193,11 @@ def from_pretrained(
 
     if orbax_io.is_orbax_folder(folder):
         return orbax_io.restore_model(folder, abs_model)
+    from qwenvl_jax.loading.convert import open_weights, read_hf_config
     from qwenvl_jax.loading.mapping import mapping_for
-    from qwenvl_jax.loading.reader import open_checkpoint
 
-    reader = open_checkpoint(folder)
-    quant = _quantization_config(folder)
-    if quant is not None:
-        from qwenvl_jax.loading.fp8 import Fp8DequantReader
-
-        reader = Fp8DequantReader(reader, quant, np.float32)
+    # FP8 weights are dequantised on read (then cast to the parameter dtype), experts fused.
+    reader = open_weights(folder, read_hf_config(folder), "float32")
     try:
         return load_hf_weights(
             abs_model, reader, mapping_for(config), dtype=param_dtype, progress=progress
@@ -210,14 +206,3 @@ def from_pretrained(
         close = getattr(reader, "close", None)
         if close:
             close()
-
-
-def _quantization_config(folder: Path) -> dict | None:
-    import json
-
-    try:
-        d = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    q = d.get("quantization_config")
-    return q if q and q.get("quant_method") == "fp8" else None

@@ -32,6 +32,7 @@ import numpy as np
 from qwenvl_jax.config import ModelConfig, from_hf
 from qwenvl_jax.errors import CheckpointError, ConfigError, InputError
 from qwenvl_jax.loading import orbax_io
+from qwenvl_jax.loading.experts import fuse_experts
 from qwenvl_jax.loading.fp8 import Fp8DequantReader, as_dtype
 from qwenvl_jax.loading.mapping import Mapping as WeightMapping
 from qwenvl_jax.loading.mapping import mapping_for
@@ -192,7 +193,8 @@ def _hub_names(mapping: WeightMapping, abstract: Mapping[str, Any]) -> dict[str,
 def open_weights(
     src: str | os.PathLike[str], hf_config: Mapping[str, Any], dtype: str
 ) -> TensorReader:
-    """A tensor reader over a checkpoint folder; FP8 weights come back dequantised in `dtype`."""
+    """A tensor reader over a checkpoint folder; FP8 weights come back dequantised in `dtype`,
+    per-expert MoE tensors fused."""
     reader: TensorReader = open_checkpoint(src)
     quant = fp8_quantization(hf_config)
     if quant is not None:
@@ -201,7 +203,11 @@ def open_weights(
         except BaseException:
             reader.close()
             raise
-    return reader
+    try:
+        return fuse_experts(reader)
+    except BaseException:
+        reader.close()
+        raise
 
 
 # ----------------------------------------------------------------------------- HF -> Orbax
