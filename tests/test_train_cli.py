@@ -1,7 +1,7 @@
 """`qwenvl-jax train` end to end on a tiny checkpoint with the real Qwen tokenizer and a JSONL of
 conversations with images: the data pipeline feeds the step, the run writes metrics.jsonl,
 TensorBoard events, the loss plot and checkpoints, and WORKDIR/model is a checkpoint that
-`from_pretrained` loads and the next stage starts from."""
+`from_pretrained` loads and the next stage starts from; started again, the run resumes."""
 
 from __future__ import annotations
 
@@ -59,6 +59,15 @@ def test_train_on_jsonl_then_start_the_next_stage(tmp_path, tmp_path_factory, da
     assert len(read_records(events)) == 1 + 3  # file version + one event per step
     assert (run1 / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (run1 / "checkpoints").iterdir()) == ["2", "3"]
+
+    # started again with more steps, it resumes at step 3 with the data pipeline's state
+    assert main(["train", "--workdir", str(run1), f"model={ckpt}", "stage=1",
+                 f"data.train={dataset}", "steps=4", "learning_rate=1e-3", "warmup_steps=1",
+                 *RUN]) == 0
+    resumed = [json.loads(x) for x in (run1 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[:3] == records
+    assert sorted(p.name for p in (run1 / "checkpoints").iterdir()) == ["2", "3", "4"]
 
     # WORKDIR/model: the LLM as it came (stage 1 freezes it), the ViT trained
     source, trained = params(qj.from_pretrained(ckpt, "float32")), params(

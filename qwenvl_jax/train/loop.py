@@ -180,8 +180,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
     else:
         start = 0
         state = trainer.init_state()
-        (workdir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    metrics = MetricsLog(workdir, resume_step=start)
+        if jax.process_index() == 0:
+            (workdir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    metrics = MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
     peak = peak_flops(jax.devices()[0], cfg.peak_flops)
     stop = StopSignal()
     step, status = start, 0

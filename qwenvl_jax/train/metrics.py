@@ -147,13 +147,19 @@ class MetricsLog:
     """metrics.jsonl (one object per logged step), TensorBoard scalars and the loss plot.
 
     Started at `resume_step`, records of later steps (written after the checkpoint the run
-    resumes from) are dropped first, so the file reads as one uninterrupted run.
+    resumes from) are dropped first, so the file reads as one uninterrupted run. With
+    `enabled=False` (every process but the first of a multi-host run) nothing is written.
     """
 
-    def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True,
+                 enabled: bool = True):
         self.workdir = Path(workdir)
         self.path = self.workdir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
+        self.enabled = enabled
+        self._f = self.events = None
+        if not enabled:
+            return
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
@@ -172,6 +178,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
         if self.events is not None:
@@ -179,10 +187,13 @@ class MetricsLog:
             self.events.scalars(step, {f"train/{k}": v for k, v in record.items() if k != "step"})
 
     def plot(self) -> Path | None:
+        if not self.enabled:
+            return None
         return plot_losses(self.records, self.workdir / "loss.png")
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         if self.events is not None:
             self.events.close()
 
