@@ -49,6 +49,11 @@ class Checkpoints:
             self.manager.wait_until_finished()
         log.info("checkpoint %d %s", step, "saved" if wait else "saving")
 
+    def meta(self, step: int) -> dict:
+        """The `meta` item of checkpoint `step` (the run config that wrote it), read alone."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out["meta"]
+
     def restore(self, step: int, abstract_state: Any, abstract_frozen: Any
                 ) -> tuple[Any, Any, Any, dict]:
         """(state, frozen, data iterator state, meta) of checkpoint `step`, each array read

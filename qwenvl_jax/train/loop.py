@@ -162,6 +162,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
     ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints,
                         async_save=cfg.async_checkpoints)
     start = ckpts.latest_step()
+    if start is not None:
+        _check_same_run(cfg, ckpts.meta(start), ckpts.directory)
     model = load_model(cfg, model_path, config, mesh, abstract=start is not None)
     changed = blocks.configure(model, cfg.remat, cfg.scan_layers)
     trainer = Trainer(model, cfg, mesh)
@@ -233,6 +235,20 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
     if status == 0:
         export_model(trainer.model(state), workdir / "model", model_path)
     return status
+
+
+# Settings a resumed run must share with the run that wrote the checkpoints: they decide the
+# layout of the saved state.
+_STATE_KEYS = ("freeze", "param_dtype", "grad_accum", "clip_norm")
+
+
+def _check_same_run(cfg: TrainConfig, meta: dict, directory: Path) -> None:
+    saved = meta.get("config", {})
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, like the saved JSON
+    for key in _STATE_KEYS:
+        if key in saved and saved[key] != now[key]:
+            raise ConfigError(f"{directory} holds checkpoints of a run with another {key} "
+                              f"({saved[key]!r}, now {now[key]!r}); use a new --workdir")
 
 
 def _mean_records(records: list[dict]) -> dict:
