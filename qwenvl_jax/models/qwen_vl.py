@@ -15,12 +15,10 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax.config import ModelConfig
-from qwenvl_jax.layers.linear import Linear
+from qwenvl_jax.models.base import VisionLanguageModel, jitted_logits
 from qwenvl_jax.models.mrope import get_rope_index
-from qwenvl_jax.models.text import KVCache, TextModel
 from qwenvl_jax.models.vision import VisionTower
 from qwenvl_jax.models.vision_inputs import VisionBatch, make_vision_batch
-from qwenvl_jax.sharding import shard
 
 
 class ModelInputs(NamedTuple):
@@ -52,12 +50,7 @@ def scatter_vision(
     return jnp.where(hit[..., None], gathered, embeds)
 
 
-@nnx.jit
-def _jitted_logits(model, input_ids, segment_ids, position_ids, vision):
-    return model.forward(input_ids, segment_ids, position_ids, vision)[0]
-
-
-class QwenVLForConditionalGeneration(nnx.Module):
+class QwenVLForConditionalGeneration(VisionLanguageModel):
     def __init__(
         self,
         config: ModelConfig,
@@ -66,18 +59,8 @@ class QwenVLForConditionalGeneration(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs | None,
     ):
-        self.config = config
-        self.family = config.family
-        self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.visual = VisionTower(config.vision, **kw)
-        self.language_model = TextModel(config.text, **kw)
-        t = config.text
-        self.lm_head = (
-            None
-            if t.tie_word_embeddings
-            else Linear(t.hidden_size, t.vocab_size, axes=("embed", "vocab"), **kw)
-        )
+        visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        super().__init__(config, visual, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     # ----------------------------------------------------------------------------------------
     def __call__(
@@ -102,7 +85,7 @@ class QwenVLForConditionalGeneration(nnx.Module):
             second_per_grid_ts,
             mm_token_type_ids,
         )
-        return _jitted_logits(self, x.input_ids, x.segment_ids, x.position_ids, x.vision)
+        return jitted_logits(self, x.input_ids, x.segment_ids, x.position_ids, x.vision)
 
     def prepare(
         self,
@@ -160,42 +143,3 @@ class QwenVLForConditionalGeneration(nnx.Module):
             ds = scatter_vision(zeros, input_ids, cfg.image_token_id, deep, 0)
             ds = scatter_vision(ds, input_ids, cfg.video_token_id, deep, off)
         return x, ds
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            out = self.language_model.embed_tokens.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return shard(out, ("batch", "length", "act_vocab"))
-
-    def forward(
-        self,
-        input_ids: jax.Array,
-        segment_ids: jax.Array,
-        position_ids: jax.Array,
-        vision: VisionBatch | None = None,
-        *,
-        cache: KVCache | None = None,
-        cache_index: jax.Array | int | None = None,
-        slots: jax.Array | None = None,
-        ntk_alpha: float = 1.0,
-        return_router_logits: bool = False,
-        logits_to_keep: int = 0,
-    ):
-        """input_ids int[B, T]; segment_ids int[B, T] (0 = padding); position_ids int[3, B, T].
-        Returns (logits float[B, T, vocab], updated cache, router logits list); with
-        logits_to_keep = n > 0, logits of the last n positions only (float[B, n, vocab])."""
-        del ntk_alpha  # the Qwen2/3 decoders have no dynamic NTK
-        x, deepstack = self.embed(input_ids, vision)
-        hidden, cache, router = self.language_model(
-            x,
-            position_ids,
-            segment_ids,
-            slots=slots,
-            cache=cache,
-            cache_index=cache_index,
-            deepstack=deepstack,
-        )
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return self.logits(hidden), cache, router

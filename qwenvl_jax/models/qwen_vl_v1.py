@@ -14,7 +14,6 @@ of the modern families, so generation and training code drive both alike.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -24,11 +23,10 @@ from flax import nnx
 
 from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.errors import InputError
-from qwenvl_jax.layers.linear import Linear
+from qwenvl_jax.models.base import VisionLanguageModel, jitted_logits
 from qwenvl_jax.models.qwen_vl import ModelInputs
-from qwenvl_jax.models.text import KVCache, TextModel, ntk_alpha
+from qwenvl_jax.models.text import ntk_alpha
 from qwenvl_jax.models.v1_vision import VisionTransformerV1
-from qwenvl_jax.sharding import shard
 
 
 def image_spans(input_ids: np.ndarray, start_id: int, queries: int) -> list[tuple[int, int]]:
@@ -67,29 +65,18 @@ def splice_images(embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
     return jnp.where(inside[..., None], gathered, embeds)
 
 
-@functools.partial(nnx.jit, static_argnums=5)
-def _jitted_logits(model, input_ids, segment_ids, position_ids, vision, alpha):
-    return model.forward(input_ids, segment_ids, position_ids, vision, ntk_alpha=alpha)[0]
-
-
 def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-class QwenVLV1ForCausalLM(nnx.Module):
+class QwenVLV1ForCausalLM(VisionLanguageModel):
     """`QWenLMHeadModel` of the original remote code, on the shared decoder."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
-        self.config = config
-        self.family = config.family
-        self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.visual = VisionTransformerV1(config.vision, **kw)
-        self.language_model = TextModel(config.text, **kw)
-        t = config.text
-        self.lm_head = None if t.tie_word_embeddings else Linear(
-            t.hidden_size, t.vocab_size, axes=("embed", "vocab"), **kw)
+        visual = VisionTransformerV1(config.vision, dtype=dtype, param_dtype=param_dtype,
+                                     rngs=rngs)
+        super().__init__(config, visual, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, **ignored: Any
                  ) -> jax.Array:
@@ -97,7 +84,7 @@ class QwenVLV1ForCausalLM(nnx.Module):
         0 = padding) and pixel_values float[n_images, 3, 448, 448]: `prepare` on the host, then
         `forward`, compiled once per input shape. Other processor outputs are ignored."""
         x = self.prepare(input_ids, attention_mask, pixel_values)
-        return _jitted_logits(self, x.input_ids, x.segment_ids, x.position_ids, x.vision,
+        return jitted_logits(self, x.input_ids, x.segment_ids, x.position_ids, x.vision,
                               x.ntk_alpha)
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, *,
@@ -140,46 +127,11 @@ class QwenVLV1ForCausalLM(nnx.Module):
         return ModelInputs(ids.astype(np.int32), mask.astype(np.int32), positions, vision,
                            np.full((B,), T - shift, np.int32), alpha)
 
-    def embed(self, input_ids: jax.Array, vision: jax.Array | None) -> jax.Array:
-        """Token embeddings float[B, T, D] with the image features spliced in."""
+    def embed(self, input_ids: jax.Array, vision: jax.Array | None
+              ) -> tuple[jax.Array, None]:
+        """Token embeddings float[B, T, D] with the image features spliced in (no DeepStack)."""
         x = self.language_model.embed_tokens(input_ids)
         if vision is None:
-            return x
+            return x, None
         features = self.visual(vision)
-        return splice_images(x, input_ids, features, self.config.vision.image_start_id)
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            out = self.language_model.embed_tokens.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return shard(out, ("batch", "length", "act_vocab"))
-
-    def forward(
-        self,
-        input_ids: jax.Array,
-        segment_ids: jax.Array,
-        position_ids: jax.Array,
-        vision: jax.Array | None = None,
-        *,
-        cache: KVCache | None = None,
-        cache_index: jax.Array | int | None = None,
-        slots: jax.Array | None = None,
-        ntk_alpha: float = 1.0,
-        return_router_logits: bool = False,
-        logits_to_keep: int = 0,
-    ) -> tuple[jax.Array, KVCache | None, list]:
-        """input_ids int[B, T]; segment_ids int[B, T] (0 = padding); position_ids int[3, B, T]
-        (slot indices); vision float[n, 3, 448, 448] or None (decode steps); ntk_alpha: the
-        static prefill factor of `prepare`, kept for decoding.
-        Returns (logits float[B, T, vocab], updated cache, []): the model has no router. With
-        logits_to_keep = n > 0, logits of the last n positions only (float[B, n, vocab]).
-        """
-        del return_router_logits
-        x = self.embed(input_ids, vision)
-        hidden, cache, _ = self.language_model(
-            x, position_ids, segment_ids, slots=slots, cache=cache, cache_index=cache_index,
-            ntk_alpha=ntk_alpha)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return self.logits(hidden), cache, []
+        return splice_images(x, input_ids, features, self.config.vision.image_start_id), None
