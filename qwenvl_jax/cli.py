@@ -1,6 +1,6 @@
-"""The `qwenvl-jax` entry point: dispatches to qwenvl_jax/commands/<name>.py.
+"""qwenvl-jax: the Qwen-VL family in JAX - convert checkpoints, generate, prepare data, train.
 
-Bad input (any QwenVLError, a missing file) ends with exit status 2 and one line on stderr.
+Each sub-command lives in qwenvl_jax/commands/<name>.py. Bad input (any QwenVLError, a missing file) ends with exit status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from qwenvl_jax.errors import QwenVLError
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="qwenvl-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="qwenvl-jax", description=__doc__.splitlines()[0][12:])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
