@@ -14,9 +14,13 @@ import sys
 from qwenvl_jax.commands import COMMANDS
 from qwenvl_jax.errors import QwenVLError
 
+DESCRIPTION = (
+    "The Qwen-VL family in JAX: convert checkpoints, generate, prepare data, train, run the demo."
+)
+
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="qwenvl-jax", description=__doc__.splitlines()[0][12:])
+    parser = argparse.ArgumentParser(prog="qwenvl-jax", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
