@@ -1,6 +1,6 @@
-"""qwenvl-jax: the Qwen-VL family in JAX - convert checkpoints, generate, prepare data, train.
+"""The `qwenvl-jax` entry point. Each sub-command lives in qwenvl_jax/commands/<name>.py.
 
-Each sub-command lives in qwenvl_jax/commands/<name>.py. Bad input (any QwenVLError, a missing file) ends with exit status 2 and one line on stderr.
+Bad input (any QwenVLError, a missing file) ends with exit status 2 and one line on stderr.
 """
 
 from __future__ import annotations
