@@ -227,6 +227,12 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 ckpts.save(step, state, trainer.frozen, data.get_state(), _meta(cfg, step))
     finally:
+        # Stop the pipeline's prefetch threads now: left to interpreter shutdown, Grain's
+        # iterator finalisers print tracebacks once their modules are gone.
+        close = getattr(data, "close", None)
+        if close is not None:
+            close()
+        del data
         bar.close()
         stop.restore()
         ckpts.close()
