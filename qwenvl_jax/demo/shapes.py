@@ -8,6 +8,7 @@ as `{"type": "box", ...}` entries in pixels (the pipeline writes them in the fam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
             arr = arr.transpose(1, 0, 2)
         arr = np.broadcast_to(arr, (size, size, 3))
     else:
-        arr = base + rng.normal(0, 12, size=(size, size, 3))
+        arr = base + rng.normal(0, 8, size=(size, size, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
@@ -76,19 +77,25 @@ def _draw(draw: ImageDraw.ImageDraw, s: Shape) -> None:
         draw.polygon([((x1 + x2) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=fill)
 
 
-def make_scene(rng: np.random.Generator, size: int = 112, max_shapes: int = 3) -> Scene:
-    """1..max_shapes shapes, distinct (colour, kind) pairs, boxes that do not overlap."""
+def make_scene(rng: np.random.Generator, size: int = 112, max_shapes: int = 3, grid: int = 8,
+               cells: tuple[int, int] = (1, 2)) -> Scene:
+    """1..max_shapes shapes with distinct (colour, kind) pairs and boxes at least a cell apart.
+
+    Corners lie on a grid x grid lattice (at 112 px and 8 cells: the 14 px patches of the ViT)
+    and sides span cells[0] to cells[1] cells. A shape then always falls on the patches in the
+    same few ways, and a box is one of a few values per coordinate: what lets a small model
+    trained from scratch learn shapes and boxes in minutes."""
+    cell = size / grid
     n = int(rng.integers(1, max_shapes + 1))
     shapes: list[Shape] = []
     used = set()
     tries = 0
     while len(shapes) < n and tries < 200:
         tries += 1
-        side = int(rng.integers(size * 22 // 100, size * 38 // 100))
-        x1 = int(rng.integers(0, size - side))
-        y1 = int(rng.integers(0, size - side))
-        box = (x1, y1, x1 + side, y1 + side)
-        if any(_overlap(box, s.box, gap=3) for s in shapes):
+        side = int(rng.integers(cells[0], cells[1] + 1))
+        x1, y1 = (int(rng.integers(0, grid - side + 1)) for _ in range(2))
+        box = tuple(round(v * cell) for v in (x1, y1, x1 + side, y1 + side))
+        if any(_overlap(box, s.box, gap=2) for s in shapes):
             continue
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
@@ -115,7 +122,9 @@ def caption(scene: Scene) -> str:
 
 
 def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
-    """(kind, question, answer[, box]) items for one scene; every answer is unambiguous."""
+    """The items (task, q, a[, box]) of one scene; every answer is unambiguous: a colour
+    question names a shape kind the scene holds once, a shape question a colour it holds once,
+    and a position question two shapes whose centres are at least an eighth of the width apart."""
     out = []
     kinds = [s.kind for s in scene.shapes]
     colours = [s.colour for s in scene.shapes]
@@ -126,49 +135,63 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
             out.append(dict(task="shape", q=f"What shape is the {s.colour} object?", a=s.kind))
         out.append(dict(task="ground", q=f"Where is {s.name}?", a=s.name, box=s.box))
     out.append(dict(task="count", q="How many shapes are there?", a=COUNT_WORDS[len(kinds)]))
-    if len(scene.shapes) >= 2:
-        a, b = rng.choice(len(scene.shapes), size=2, replace=False)
-        sa, sb = scene.shapes[a], scene.shapes[b]
+    size = scene.image.size[0]
+    pairs = [(a, b) for a in scene.shapes for b in scene.shapes
+             if a is not b and abs(a.cx - b.cx) >= size / 8]
+    if pairs:
+        sa, sb = pairs[int(rng.integers(len(pairs)))]
         side = "left" if sa.cx < sb.cx else "right"
         out.append(dict(task="position", q=f"Is {sa.name} left or right of {sb.name}?", a=side))
     out.append(dict(task="caption", q="Describe the picture.", a=caption(scene)))
     return out
 
 
-def to_messages(image_path: str, item: dict) -> dict:
-    """One question as an HF-format conversation (grounding answers as a box entry)."""
-    user = [{"type": "image", "image": image_path}, {"type": "text", "text": item["q"]}]
+def _answer(item: dict) -> list[dict]:
     if item["task"] == "ground":
-        answer = [{"type": "box", "label": item["a"], "box": list(item["box"])}]
-    else:
-        answer = [{"type": "text", "text": item["a"]}]
-    return {
-        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-        "task": item["task"],
-    }
+        return [{"type": "box", "label": item["a"], "box": list(item["box"])}]
+    return [{"type": "text", "text": item["a"]}]
 
 
-def write_split(folder: str | Path, n_scenes: int, seed: int, size: int = 112) -> Path:
-    """Render n_scenes pictures into folder/images and write folder/data.jsonl (one line per
-    question) plus folder/scenes.json (the ground truth, for evaluation)."""
+def to_messages(image_path: str, items: list[dict]) -> dict:
+    """Questions about one image as an HF-format conversation: the image and the first question,
+    its answer, then each further question and answer as a turn of its own. Grounding answers
+    are box entries (the data pipeline writes them in the family's format)."""
+    first = [{"type": "image", "image": image_path}, {"type": "text", "text": items[0]["q"]}]
+    messages = []
+    for k, item in enumerate(items):
+        user = first if k == 0 else [{"type": "text", "text": item["q"]}]
+        messages += [{"role": "user", "content": user},
+                     {"role": "assistant", "content": _answer(item)}]
+    return {"messages": messages, "tasks": [item["task"] for item in items]}
+
+
+def write_split(folder: str | Path, n_scenes: int, seed: int, size: int = 112,
+                per_conversation: int = 1, max_shapes: int = 3, grid: int = 8,
+                cells: tuple[int, int] = (1, 2), progress: bool = False) -> Path:
+    """Render n_scenes pictures into folder/images and write folder/data.jsonl, one line per
+    conversation: a scene's questions in a random order, `per_conversation` at a time (0: all
+    of them in one conversation), and folder/scenes.json (the ground truth, for evaluation),
+    written last. Returns the JSONL path."""
+    from tqdm import tqdm
+
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     scenes = []
     with open(folder / "data.jsonl", "w") as f:
-        for i in range(n_scenes):
-            scene = make_scene(rng, size)
+        for i in tqdm(range(n_scenes), desc=f"data: {folder.name}", unit="scene",
+                      disable=not progress):
+            scene = make_scene(rng, size, max_shapes, grid, tuple(cells))
             rel = f"images/{i:05d}.png"
             scene.image.save(folder / rel)
             items = questions(scene, rng)
-            for item in items:
-                f.write(json.dumps(to_messages(rel, item)) + "\n")
-            scenes.append(
-                {
-                    "image": rel,
-                    "items": [{k: v for k, v in it.items()} for it in items],
-                    "shapes": [s.__dict__ for s in scene.shapes],
-                }
-            )
-    (folder / "scenes.json").write_text(json.dumps(scenes))
+            order = [items[k] for k in rng.permutation(len(items))]
+            step = per_conversation or len(order)
+            for k in range(0, len(order), step):
+                f.write(json.dumps(to_messages(rel, order[k:k + step])) + "\n")
+            scenes.append({"image": rel, "items": items,
+                           "shapes": [dataclasses.asdict(s) for s in scene.shapes]})
+    tmp = folder / ".scenes.json.tmp"
+    tmp.write_text(json.dumps(scenes))
+    tmp.replace(folder / "scenes.json")
     return folder / "data.jsonl"

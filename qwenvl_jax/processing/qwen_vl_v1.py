@@ -10,7 +10,8 @@ Images become `Picture n: <img>PATH</img>\\n` in the prompt (n counts the conver
 the tokenizer turns PATH into its UTF-8 bytes, one id per byte (id = byte value), padded with
 `<imgpad>` to 256 ids, so `<img>` + 256 + `</img>` is 258 ids. The model overwrites those 256
 positions with the image's features, so the bytes never reach it; images given as arrays or PIL
-images get a placeholder name.
+images get a placeholder name. A checkpoint whose config.json sets `visual.n_queries` (a
+scaled-down model) has spans of that many ids, and `visual.image_size` sets the pixel size.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def find_tiktoken_file(folder: str | Path) -> Path:
 class QwenTokenizer:
     """tiktoken BPE over `qwen.tiktoken` with Qwen-VL's special tokens at their real ids."""
 
-    def __init__(self, vocab_file: str | Path):
+    def __init__(self, vocab_file: str | Path, image_span: int = IMG_TOKEN_SPAN):
         import tiktoken
 
         ranks: dict[bytes, int] = {}
@@ -100,6 +101,7 @@ class QwenTokenizer:
         self.img_pad_id = specials[IMG_PAD]
         self.box_ids = frozenset(specials[t] for t in BOX_SPECIALS)
         self.vocab_size = self.encoding.n_vocab  # 151,860; the embedding is padded to 151,936
+        self.image_span = int(image_span)  # ids between <img> and </img>: the resampler queries
 
     def token_to_id(self, token: str) -> int | None:
         return self.special_ids.get(token)
@@ -125,11 +127,11 @@ class QwenTokenizer:
                                 for t in ids[start + 1:end])
             except KeyError:
                 raise InputError("an <img>...</img> span holds a special token") from None
-            if len(path) > IMG_TOKEN_SPAN:
+            if len(path) > self.image_span:
                 raise InputError(f"the image name inside <img>...</img> is {len(path)} bytes long "
-                                 f"(at most {IMG_TOKEN_SPAN}): {path[:60]!r}...")
+                                 f"(at most {self.image_span}): {path[:60]!r}...")
             out += ids[i:start] + [self.img_start_id] + list(path)
-            out += [self.img_pad_id] * (IMG_TOKEN_SPAN - len(path)) + [self.img_end_id]
+            out += [self.img_pad_id] * (self.image_span - len(path)) + [self.img_end_id]
             i = end + 1
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False,
@@ -212,16 +214,18 @@ class QwenVLProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> QwenVLProcessor:
-        """Reads qwen.tiktoken (see `find_tiktoken_file`), config.json (image size) and
-        generation_config.json (chat_format, pad_token_id, max_window_size)."""
+        """Reads qwen.tiktoken (see `find_tiktoken_file`), config.json (image size, image span)
+        and generation_config.json (chat_format, pad_token_id, max_window_size)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {path}")
         config = read_json(path / "config.json") or {}
+        visual = config.get("visual") or {}
         gen = read_json(path / "generation_config.json") or {}
-        return cls(QwenTokenizer(find_tiktoken_file(path)),
+        span = int(visual.get("n_queries", IMG_TOKEN_SPAN))
+        return cls(QwenTokenizer(find_tiktoken_file(path), image_span=span),
                    chat_format=gen.get("chat_format", "chatml"),
-                   image_size=int((config.get("visual") or {}).get("image_size", IMAGE_SIZE)),
+                   image_size=int(visual.get("image_size", IMAGE_SIZE)),
                    pad_token_id=gen.get("pad_token_id"),
                    max_window_size=int(gen.get("max_window_size", 6144)))
 
@@ -245,7 +249,8 @@ class QwenVLProcessor:
                 if source is None:
                     raise InputError(f"image entry without an image: {sorted(item)}")
                 images.append(source)
-                text += f"Picture {len(images)}: {IMG_START}{self._image_name(source, len(images))}"
+                name = self._image_name(source, len(images), self.tokenizer.image_span)
+                text += f"Picture {len(images)}: {IMG_START}{name}"
                 text += f"{IMG_END}\n"
             elif kind == "text" or "text" in item:
                 text += str(item.get("text", ""))
@@ -265,12 +270,17 @@ class QwenVLProcessor:
         return text
 
     @staticmethod
-    def _image_name(source: Any, n: int) -> str:
+    def _image_name(source: Any, n: int, span: int = IMG_TOKEN_SPAN) -> str:
+        """The name written between `<img>` and `</img>`: the path, as the original does (a path
+        past 256 bytes is then an error, as there). Arrays, PIL images, inline data, and paths
+        that do not fit the shorter span of a scaled-down checkpoint (which the original code
+        never had) get a placeholder: the bytes never reach the model."""
         if isinstance(source, (str, os.PathLike)):
             name = os.fspath(source)
-            if not name.startswith("data:"):
+            fits = span >= IMG_TOKEN_SPAN or len(name.encode()) <= span
+            if not name.startswith("data:") and fits:
                 return name
-        return f"image{n}.png"  # arrays, PIL images, inline data: the bytes never reach the model
+        return f"image{n}.png"
 
     def _messages(self, conversation: Sequence[Mapping[str, Any]]
                   ) -> tuple[str, list[tuple[str, str, list]]]:

@@ -1,0 +1,230 @@
+"""`qwenvl-jax demo`: the synthetic scenes and their questions, the demo's own vocabulary and
+checkpoint, the scoring, and a shortened demo end to end (every output file, then `generate
+--model WORKDIR/model` answering from the trained model). The accuracy thresholds are checked by
+the full demo (docs/demo_table.md), not here: a shortened run trains for a few steps only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import qwenvl_jax as qj
+from qwenvl_jax.cli import main
+from qwenvl_jax.demo.evaluate import format_table, iou, score, summarise
+from qwenvl_jax.demo.model import DemoModelSize, hf_config, write_initial_checkpoint
+from qwenvl_jax.demo.shapes import COLOURS, make_scene, questions, write_split
+from qwenvl_jax.demo.vocab import train_vocab, write_tiktoken
+from qwenvl_jax.grounding import format_box
+from qwenvl_jax.processing.qwen_vl_v1 import QwenTokenizer
+
+SCALE = 0.01  # 60 training scenes, 1 + 4 + 2 training steps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """`generate` turns JAX's persistent compilation cache on; keep it out of the home folder."""
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+
+
+# ------------------------------------------------------------------------------ the task
+
+
+def test_scenes_are_seeded_on_the_grid_and_questions_are_unambiguous():
+    for seed in range(40):
+        a = make_scene(np.random.default_rng(seed))
+        b = make_scene(np.random.default_rng(seed))
+        assert a.shapes == b.shapes
+        np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+        pixels = np.asarray(a.image)
+        for s in a.shapes:
+            x1, y1, x2, y2 = s.box
+            assert 0 <= x1 < x2 <= 112 and 0 <= y1 < y2 <= 112 and x2 - x1 == y2 - y1
+            assert all(v % 14 == 0 for v in s.box)  # the 14 px patch grid
+            # the shape's colour is drawn at its centre
+            centre = pixels[(y1 + 2 * y2) // 3, (x1 + x2) // 2]
+            assert tuple(centre) == COLOURS[s.colour]
+        for i, s in enumerate(a.shapes):
+            for t in a.shapes[i + 1:]:
+                assert (s.kind, s.colour) != (t.kind, t.colour)
+                assert max(s.box[0], t.box[0]) >= min(s.box[2], t.box[2]) or (
+                    max(s.box[1], t.box[1]) >= min(s.box[3], t.box[3]))
+        for item in questions(a, np.random.default_rng(seed)):
+            if item["task"] == "colour":
+                kind = item["q"].split()[-1].rstrip("?")
+                (only,) = [s for s in a.shapes if s.kind == kind]
+                assert item["a"] == only.colour
+            elif item["task"] == "shape":
+                colour = item["q"].split()[-2]
+                (only,) = [s for s in a.shapes if s.colour == colour]
+                assert item["a"] == only.kind
+            elif item["task"] == "count":
+                assert item["a"] == ("zero", "one", "two", "three")[len(a.shapes)]
+            elif item["task"] == "position":
+                first, second = (s for name in item["q"][3:-1].split(" left or right of ")
+                                 for s in a.shapes if s.name == name)
+                assert abs(first.cx - second.cx) >= 14
+                assert item["a"] == ("left" if first.cx < second.cx else "right")
+            elif item["task"] == "ground":
+                (named,) = [s for s in a.shapes if s.name == item["a"]]
+                assert tuple(item["box"]) == named.box
+
+
+def test_split_conversations_hold_every_question_once(tmp_path):
+    jsonl = write_split(tmp_path / "split", 6, seed=3, per_conversation=0)
+    scenes = json.loads((tmp_path / "split" / "scenes.json").read_text())
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(lines) == len(scenes) == 6
+    for line, scene in zip(lines, scenes):
+        messages = line["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * len(scene["items"])
+        assert messages[0]["content"][0] == {"type": "image", "image": scene["image"]}
+        asked = sorted(m["content"][-1]["text"] for m in messages[::2])
+        assert asked == sorted(item["q"] for item in scene["items"])
+        assert (tmp_path / "split" / scene["image"]).is_file()
+    per_question = write_split(tmp_path / "single", 6, seed=3)  # the default: one a line
+    lines = per_question.read_text().splitlines()
+    assert len(lines) == sum(len(s["items"]) for s in scenes)
+    assert all(len(json.loads(line)["messages"]) == 2 for line in lines)
+
+
+# ------------------------------------------------------------------------------ vocabulary, model
+
+
+def test_vocabulary_and_checkpoint_follow_the_qwen_vl_layout(tmp_path):
+    texts = ["What colour is the circle?", "the red circle", "a blue square and a red circle."]
+    ranks = train_vocab(texts * 3, 300)
+    assert 256 < len(ranks) <= 300 and sorted(ranks.values()) == list(range(len(ranks)))
+    write_tiktoken(ranks, tmp_path / "qwen.tiktoken")
+    tok = QwenTokenizer(tmp_path / "qwen.tiktoken", image_span=16)
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and len(ids) < len(text.encode()) / 2
+    config = hf_config(DemoModelSize(), len(ranks))
+    assert config["visual"]["image_start_id"] == tok.img_start_id
+    assert config["vocab_size"] % 64 == 0 and config["vocab_size"] >= tok.vocab_size
+
+    size = DemoModelSize(vocab_ranks=300)
+    folder = write_initial_checkpoint(tmp_path / "init", size, texts * 3)
+    processor = qj.Processor.from_pretrained(folder)
+    model = qj.from_pretrained(folder, dtype="float32")
+    assert model.config.vision.n_queries == 16 and model.config.vision.image_size == 112
+    image = Image.new("RGB", (112, 112), (200, 200, 200))
+    inputs = processor([{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": texts[0]}]}])
+    assert inputs["pixel_values"].shape == (1, 3, 112, 112)
+    ids = inputs["input_ids"][0]
+    start = int(np.flatnonzero(ids == config["visual"]["image_start_id"])[0])
+    assert ids[start + 17] == tok.img_end_id  # <img> + 16 positions + </img>
+    logits = model(**inputs)
+    assert logits.shape == (1, len(ids), config["vocab_size"])
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def test_scoring():
+    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    item = {"task": "ground", "q": "Where is the red circle?", "a": "the red circle",
+            "box": [14, 28, 56, 70]}
+    exact = format_box("the red circle", item["box"], "qwen_vl", (112, 112))
+    assert score(item, exact, (112, 112))["iou"] > 0.95
+    other = format_box("the blue square", [70, 70, 112, 112], "qwen_vl", (112, 112))
+    assert score(item, other + exact, (112, 112))["iou"] > 0.95  # the box named like the shape
+    assert score(item, "somewhere", (112, 112)) == {"answer": "somewhere", "box": None,
+                                                    "iou": 0.0, "correct": False}
+    colour = {"task": "colour", "q": "What colour is the circle?", "a": "red"}
+    assert score(colour, " Red.", (112, 112))["correct"]
+    assert not score(colour, "blue", (112, 112))["correct"]
+    records = [{"item": colour, "correct": True}, {"item": colour, "correct": False},
+               {"item": {**colour, "task": "shape"}, "correct": True},
+               {"item": item, "correct": True, "iou": 0.8},
+               {"item": item, "correct": False, "iou": 0.2}]
+    out = summarise(records)
+    assert out["colour_accuracy"] == 0.5 and out["shape_accuracy"] == 1.0
+    assert out["vqa_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert out["grounding_miou"] == 0.5 and out["count_accuracy"] is None
+    assert "| grounding | 2 | mean IoU | 0.500 |" in format_table(out)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    work = tmp_path_factory.mktemp("demo") / "work"
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["demo", "--workdir", str(work), "--scale", str(SCALE), "--no-progress"])
+    assert status == 0
+    return work, out.getvalue()
+
+
+def test_shortened_demo_writes_every_output(demo):
+    work, printed = demo
+    results = json.loads((work / "results.json").read_text())
+    for key in ("vqa_accuracy", "grounding_miou", "count_accuracy"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["minutes"] > 0 and results["family"] == "qwen_vl"
+    # results.json is the summary of the per-question predictions
+    records = [json.loads(line) for line in (work / "predictions.jsonl").read_text().splitlines()]
+    scenes = json.loads((work / "data" / "heldout" / "scenes.json").read_text())
+    assert len(records) == sum(len(s["items"]) for s in scenes)
+    assert {k: results[k] for k in summarise(records)} == summarise(records)
+    assert format_table(results).splitlines()[2] in printed
+    # the picture: a grid of 224 px tiles with text below
+    with Image.open(work / "predictions.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] == 4 * 224
+    # the three stages ran with the real training code, each from the previous stage's model
+    for stage in (1, 2, 3):
+        config = json.loads((work / f"stage{stage}" / "train_config.json").read_text())
+        assert config["stage"] == stage
+        previous = work / ("init" if stage == 1 else f"stage{stage - 1}/model")
+        assert Path(config["model"]) == previous
+        assert (work / f"stage{stage}" / "metrics.jsonl").read_text().strip()
+    assert json.loads((work / "stage1" / "train_config.json").read_text())["freeze"][-1] == [
+        "(language_model|lm_head)\\..*", "freeze"]
+    # WORKDIR/model is the last stage's model
+    assert sorted(p.name for p in (work / "model").iterdir()) == sorted(
+        p.name for p in (work / "stage3" / "model").iterdir())
+
+
+def test_generate_answers_from_the_demo_model(demo, capsys):
+    work, _ = demo
+    model_dir = work / "model"
+    scene = json.loads((work / "data" / "heldout" / "scenes.json").read_text())[0]
+    image = str(work / "data" / "heldout" / scene["image"])
+    question = scene["items"][0]["q"]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--image", image, "--prompt", question,
+                 "--max-new-tokens", "12", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["prompt_tokens"] > 16 and 1 <= len(answer["token_ids"]) <= 12
+    # the same answer as the library gives for the same conversation
+    model = qj.from_pretrained(model_dir, dtype="float32")
+    processor = qj.Processor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": question}]}]
+    expected = qj.generate(model, processor, messages, max_new_tokens=12)
+    assert answer["token_ids"] == expected.token_ids and answer["text"] == expected.text
+
+
+def test_demo_refuses_a_workdir_of_other_settings(demo, capsys):
+    work, _ = demo
+    capsys.readouterr()
+    assert main(["demo", "--workdir", str(work), "--scale", "0.5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings (scale)" in err
