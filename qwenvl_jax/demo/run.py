@@ -120,7 +120,8 @@ def make_data(workdir: Path, cfg: dict[str, Any], family: str, scale: float, pro
               "heldout": (scaled(cfg["data"]["heldout_scenes"], scale, 4), 2)}
     for name, (n, seed) in splits.items():
         if not (data / name / "scenes.json").is_file():
-            write_split(data / name, n, seed=seed, size=size, progress=progress, **scene)
+            write_split(data / name, n, seed=seed, size=size, progress=progress,
+                        per_conversation=int(cfg["data"].get("per_conversation", 1)), **scene)
     records = data / "train_records"
     if not (records / "metadata.json").is_file():
         from tqdm import tqdm
