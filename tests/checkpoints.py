@@ -135,9 +135,13 @@ def v1_checkpoint(tmp_path_factory: Any) -> Path:
     if not (V1_FIXTURE / "materialize.py").is_file():
         pytest.skip(f"{V1_FIXTURE} is missing")
     folder = tmp_path_factory.getbasetemp() / "checkpoints" / "qwen_vl_v1_tiny"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(V1_FIXTURE / "materialize.py"), str(folder)], check=True,
-                   capture_output=True)
+    if not (folder / "config.json").is_file():
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(V1_FIXTURE / "materialize.py"), str(tmp)],
+                       check=True, capture_output=True)
+        tmp.rename(folder)
     return folder
 
 

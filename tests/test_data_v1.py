@@ -6,8 +6,6 @@ sample the logits it gets alone (slot positions restarting per sample, images in
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ from qwenvl_jax.data.batch import V1_PIXELS, batch_to_model_inputs
 from qwenvl_jax.data.pipeline import make_train_iterator
 from qwenvl_jax.data.sources import parse_sample
 from qwenvl_jax.data.transforms import SampleTransform
+from tests.checkpoints import v1_checkpoint
 from tests.data_helpers import skimage_image, write_jsonl
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen_vl_v1_tiny"
@@ -29,10 +28,7 @@ RTOL = 1e-4
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("qwen_vl_v1_tiny")
-    subprocess.run([sys.executable, str(FIXTURE / "materialize.py"), str(target)], check=True,
-                   capture_output=True)
-    return target
+    return v1_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

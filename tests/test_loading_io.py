@@ -26,6 +26,7 @@ from qwenvl_jax.loading import (
     open_checkpoint,
     write_safetensors,
 )
+from tests.checkpoints import v1_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path("/work/shared/fixtures/qwen_vl_v1_tiny")
@@ -180,13 +181,7 @@ def test_torch_bin_sharded(tmp_path):
 
 @pytest.fixture(scope="session")
 def qwen_vl_v1(tmp_path_factory):
-    target = tmp_path_factory.mktemp("qwen_vl_v1_tiny")
-    subprocess.run(
-        [sys.executable, str(FIXTURE / "materialize.py"), str(target)],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return v1_checkpoint(tmp_path_factory)
 
 
 def test_qwen_vl_v1_fixture(qwen_vl_v1):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -31,6 +29,7 @@ from qwenvl_jax.models.qwen_vl_v1 import QwenVLV1ForCausalLM
 from qwenvl_jax.models.text import KVCache
 from qwenvl_jax.models.v1_vision import bicubic_resize, sincos_table
 from qwenvl_jax.processing.qwen_vl_v1 import QwenVLProcessor, find_tiktoken_file
+from tests.checkpoints import v1_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE = SHARED / "fixtures" / "qwen_vl_v1_tiny"
@@ -55,10 +54,7 @@ def tolerance(expected: np.ndarray) -> float:
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("qwen_vl_v1_tiny")
-    subprocess.run([sys.executable, str(FIXTURE / "materialize.py"), str(target)], check=True,
-                   capture_output=True)
-    return target
+    return v1_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.checkpoints import v1_checkpoint
+
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen_vl_v1_tiny"
 
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="the shared fixture is missing")
@@ -20,10 +22,7 @@ pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="the shared fixture
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("qwen_vl_v1_tiny")
-    subprocess.run([sys.executable, str(FIXTURE / "materialize.py"), str(target)], check=True,
-                   capture_output=True)
-    return target
+    return v1_checkpoint(tmp_path_factory)
 
 
 _SHARDED = textwrap.dedent("""

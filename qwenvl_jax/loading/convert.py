@@ -470,15 +470,7 @@ def orbax_to_hf(
     dtype = check_dtype(dtype or marker.get("dtype") or "bfloat16")
     abstract = _abstract_params(config, dtype, None)
     stored = orbax_io.stored_params(src)
-    for path, sds in abstract.items():
-        if path not in stored:
-            raise CheckpointError(f"{src}: checkpoint lacks parameter {path}")
-        if tuple(stored[path][0]) != tuple(sds.shape):
-            raise CheckpointError(
-                f"{src}: parameter {path} is stored with shape "
-                f"{list(stored[path][0])}, {config.family} expects "
-                f"{list(sds.shape)}"
-            )
+    orbax_io.check_stored(src, abstract, stored, expected_by=config.family)
     extra = sorted(set(stored) - set(abstract))
     if extra:
         raise CheckpointError(f"{src}: stored parameter {extra[0]} is not part of {config.family}")

@@ -253,6 +253,24 @@ def stored_params(folder: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, 
     return out
 
 
+def check_stored(
+    folder: str | os.PathLike[str],
+    targets: Mapping[str, Any],
+    stored: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    expected_by: str = "the model",
+) -> None:
+    """An error naming the first parameter of `targets` (path -> anything with a .shape) that
+    the folder's stored metadata lacks or holds with another shape."""
+    for path, target in targets.items():
+        if path not in stored:
+            raise CheckpointError(f"{folder}: checkpoint lacks parameter {path}")
+        if tuple(stored[path][0]) != tuple(target.shape):
+            raise CheckpointError(
+                f"{folder}: parameter {path} is stored with shape {list(stored[path][0])}, "
+                f"{expected_by} expects {list(target.shape)}"
+            )
+
+
 def restore_params(
     folder: str | os.PathLike[str],
     targets: Mapping[str, Any],
@@ -269,14 +287,7 @@ def restore_params(
     ocp = _ocp()
     directory = Path(folder) / PARAMS_DIR
     stored = stored_params(folder) if stored is None else stored
-    for path, target in targets.items():
-        if path not in stored:
-            raise CheckpointError(f"{folder}: checkpoint lacks parameter {path}")
-        if tuple(stored[path][0]) != tuple(target.shape):
-            raise CheckpointError(
-                f"{folder}: parameter {path} is stored with shape {list(stored[path][0])}, "
-                f"the model expects {list(target.shape)}"
-            )
+    check_stored(folder, targets, stored)
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = len(targets) < len(stored)
     try:
