@@ -349,7 +349,7 @@ def test_fp8_checkpoint_dequantises_in_convert_and_from_pretrained(tmp_path):
     )
 
 
-def test_save_model_of_a_trained_model_restores_and_exports(tmp_path, moe_src):
+def test_save_model_of_a_trained_model_restores_and_exports(tmp_path, moe_src, monkeypatch):
     """The training side: `save_model(model, folder, config=HF config)` is a folder that
     `from_pretrained` restores and `convert --to hf` exports (experts in the hub layout)."""
     model = from_pretrained(moe_src, dtype="float32")
@@ -362,6 +362,13 @@ def test_save_model_of_a_trained_model_restores_and_exports(tmp_path, moe_src):
     )
     with pytest.raises(CheckpointError, match="already exists"):
         orbax_io.save_model(model, folder, config=config)
+    # Relative folders, as `generate --model qwenvl_demo/model` gives them (Orbax itself takes
+    # absolute paths only).
+    monkeypatch.chdir(tmp_path)
+    orbax_io.save_model(model, Path("relative"), config=config, chunk_bytes=2**16)
+    _assert_bit_identical(
+        params_as_numpy(model), params_as_numpy(from_pretrained("relative", dtype="float32"))
+    )
     assert _cli(folder, tmp_path / "hf", "--to", "hf") == 0
     got = _tensors(tmp_path / "hf")
     for key, a in _tensors(moe_src).items():

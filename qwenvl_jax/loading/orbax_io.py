@@ -163,7 +163,7 @@ def save_param_groups(
     `groups` keeps memory near one group. Returns {path: (shape, dtype name)} of what was written.
     """
     ocp = _ocp()
-    directory = Path(directory)
+    directory = Path(directory).absolute()
     # A partial save continues any unfinished one at the same path: start from nothing.
     stale = sorted(directory.parent.glob(f"{directory.name}*"))
     if stale:
@@ -242,7 +242,7 @@ def save_model(
 def stored_params(folder: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{dotted path: (shape, dtype)} of the parameters in an Orbax folder, from its metadata."""
     ocp = _ocp()
-    directory = Path(folder) / PARAMS_DIR
+    directory = Path(folder).absolute() / PARAMS_DIR  # Orbax takes absolute paths only
     try:
         tree = ocp.metadata(directory).metadata
     except Exception as e:
@@ -285,7 +285,7 @@ def restore_params(
     parameter that is missing or mis-shaped. Other stored parameters are left unread.
     """
     ocp = _ocp()
-    directory = Path(folder) / PARAMS_DIR
+    directory = Path(folder).absolute() / PARAMS_DIR
     stored = stored_params(folder) if stored is None else stored
     check_stored(folder, targets, stored)
     ctx = ocp.Context()
