@@ -26,7 +26,7 @@ from qwenvl_jax.train.config import (
     stage_config_path,
 )
 from qwenvl_jax.train.freeze import param_paths, trainable_mask
-from qwenvl_jax.train.optim import decay_mask, learning_rate_schedule
+from qwenvl_jax.train.optim import decay_mask, learning_rate_schedule, lr_factors, make_optimizer
 
 
 def test_overrides_are_dotted_and_typed():
@@ -50,6 +50,10 @@ def test_overrides_are_dotted_and_typed():
     (["mesh.pods=2"], "unknown mesh axis 'pods'"),
     (["freeze=[['(', 'train']]"], "bad regex"),
     (["freeze=[['.*', 'thaw']]"], "must be train or freeze"),
+    (["lr_scale=[['visual.*', 0]]"], "lr_scale: factor of 'visual.*' must be > 0"),
+    (["lr_scale=[['visual.*', 'slow']]"], "lr_scale: factor of 'visual.*' must be a number"),
+    (["lr_scale=[['(', 0.1]]"], "lr_scale: bad regex"),
+    (["lr_scale=[['visual.*']]"], "lr_scale: bad row"),
 ])
 def test_bad_settings_fail_in_one_line(bad, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as e:
@@ -152,6 +156,35 @@ def test_weight_decay_skips_norms_and_biases():
     tx = optax.adamw(0.1, weight_decay=0.5, mask={"w": True, "b": False})
     updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
     assert np.all(updates["w"] < 0) and np.all(updates["b"] == 0)
+
+
+def test_lr_scale_multiplies_the_update_of_matching_parameters():
+    """AdamW's first update is -lr * (sign(g) + wd * p) per entry: a row's factor scales the whole
+    of it for the parameters it matches first, and leaves the others as they are."""
+    state = nnx.state(build_model(load_config("tiny_qwen_vl"), seed=0), nnx.Param)
+    table = [[r"visual\.attn_pool\..*", 1.0], [r"visual\..*", 0.25]]
+    base = {"learning_rate": 1e-2, "warmup_steps": 0, "steps": 10, "weight_decay": 0.1,
+            "clip_norm": 0.0}
+    plain = make_optimizer(from_dict(base), state)
+    scaled = make_optimizer(from_dict({**base, "lr_scale": table}), state)
+    grads = jax.tree.map(lambda x: np.full(x.shape, 0.5, x.dtype), state)
+    flat = {}
+    for name, tx in (("plain", plain), ("scaled", scaled)):
+        updates, _ = jax.jit(tx.update)(grads, tx.init(state), state)
+        flat[name] = {".".join(map(str, p)): np.asarray(v.get_value())
+                      for p, v in nnx.to_flat_state(updates)}
+    checked = set()
+    for path, u in flat["plain"].items():
+        if path.startswith("visual.attn_pool.") or not path.startswith("visual."):
+            want = 1.0
+        else:
+            want = 0.25
+        np.testing.assert_allclose(flat["scaled"][path], want * u, rtol=1e-6, err_msg=path)
+        assert np.any(u != 0), path
+        checked.add(want)
+    assert checked == {1.0, 0.25}
+    with pytest.raises(ConfigError, match="lr_scale: regex 'vision.*' matches no trainable"):
+        lr_factors(state, (("vision.*", 0.1),))
 
 
 def test_crc32c_known_value():

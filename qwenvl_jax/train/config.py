@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,11 @@ class TrainConfig:
     row matches is an error, so a table is always complete. `batch_size` is the rows of one
     micro-batch; an optimiser step consumes `grad_accum` micro-batches. `steps` counts optimiser
     steps. `data` is handed to the data pipeline as is (its keys are the pipeline's).
+
+    `lr_scale` is an ordered table of (regex, factor): a trainable parameter whose path a row
+    fully matches (the first such row) takes `factor` times the learning rate, its weight decay
+    included (a smaller rate for a randomly initialised or fragile part, as vision-LR options
+    do); parameters no row matches take the rate as is.
     """
 
     model: str | None = None
@@ -62,6 +68,7 @@ class TrainConfig:
     # extra regexes whose parameters get no weight decay (1-D parameters never get any)
     no_decay: tuple[str, ...] = ()
     freeze: tuple[tuple[str, str], ...] = ((".*", "train"),)
+    lr_scale: tuple[tuple[str, float], ...] = ()
     # numerics and memory
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # master weights and optimiser state
@@ -139,10 +146,14 @@ def read_file(path: str | Path) -> dict:
     return d
 
 
+# Mappings that are tables: an override replaces them whole.
+_TABLES = ("freeze", "lr_scale")
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "freeze":
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _TABLES:
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
@@ -202,6 +213,8 @@ def from_dict(d: dict) -> TrainConfig:
             kw[k] = MeshConfig(**{a: _as_type(f"mesh.{a}", n, 1) for a, n in v.items()})
         elif k == "freeze":
             kw[k] = _freeze_table(v)
+        elif k == "lr_scale":
+            kw[k] = _lr_scale_table(v)
         elif k == "no_decay":
             if isinstance(v, str):
                 v = [v]
@@ -241,6 +254,34 @@ def _freeze_table(v: Any) -> tuple[tuple[str, str], ...]:
         except re.error as e:
             raise ConfigError(f"freeze: bad regex {pattern!r} ({e})") from None
         rows.append((pattern, action))
+    return tuple(rows)
+
+
+def _lr_scale_table(v: Any) -> tuple[tuple[str, float], ...]:
+    if v is None:
+        return ()
+    if isinstance(v, dict):  # {regex: factor}, in file order
+        v = list(v.items())
+    if not isinstance(v, list | tuple):
+        raise ConfigError("lr_scale: expected a list of [regex, factor] rows")
+    rows = []
+    for row in v:
+        if not (isinstance(row, list | tuple) and len(row) == 2):
+            raise ConfigError(f"lr_scale: bad row {row!r} (expected [regex, factor])")
+        pattern = str(row[0])
+        try:
+            factor = float(row[1])
+        except (TypeError, ValueError):
+            raise ConfigError(f"lr_scale: factor of {pattern!r} must be a number, "
+                              f"not {row[1]!r}") from None
+        if not (math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"lr_scale: factor of {pattern!r} must be > 0 (freeze a part "
+                              f"with the freeze table), got {row[1]!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"lr_scale: bad regex {pattern!r} ({e})") from None
+        rows.append((pattern, factor))
     return tuple(rows)
 
 

@@ -1,5 +1,6 @@
 """The optimiser of a stage: AdamW with linear warmup then cosine decay, weight decay masked off
-norms and biases, global-norm clipping, and gradient accumulation (`optax.MultiSteps`).
+norms and biases, global-norm clipping, per-parameter learning-rate factors (`lr_scale`), and
+gradient accumulation (`optax.MultiSteps`).
 
 It is built over the trainable state only (see train/freeze.py), so frozen parameters hold no
 optimiser state. Moments are kept in the dtype of the master weights (`param_dtype`).
@@ -10,9 +11,11 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.train.config import TrainConfig
 from qwenvl_jax.train.freeze import path_str
 
@@ -42,6 +45,37 @@ def decay_mask(params: nnx.State, no_decay: tuple[str, ...] = ()) -> nnx.State:
         [(p, v.replace(decays(path_str(p), v))) for p, v in nnx.to_flat_state(params)])
 
 
+def lr_factors(params: nnx.State, table: tuple[tuple[str, float], ...]) -> nnx.State:
+    """The learning-rate factor of every parameter of `params`: that of the first `table` row
+    whose regex fully matches its path, 1.0 where none does. A row that matches no parameter is
+    an error (a typo, or a table written for another family)."""
+    rows = [(re.compile(p), float(f), p) for p, f in table]
+    used = [False] * len(rows)
+
+    def factor(path: str) -> float:
+        for i, (rx, f, _) in enumerate(rows):
+            if rx.fullmatch(path):
+                used[i] = True
+                return f
+        return 1.0
+
+    flat = [(p, v.replace(factor(path_str(p)))) for p, v in nnx.to_flat_state(params)]
+    unused = [p for (_, _, p), u in zip(rows, used) if not u]
+    if unused:
+        raise ConfigError(f"lr_scale: regex {unused[0]!r} matches no trainable parameter")
+    return nnx.from_flat_state(flat)
+
+
+def scale_by_factors(factors: nnx.State) -> optax.GradientTransformation:
+    """Multiply each parameter's update by its constant factor (a tree like the updates)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
     """The optax transformation for the trainable state `params` (concrete or abstract)."""
     schedule = learning_rate_schedule(cfg)
@@ -51,6 +85,8 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay,
                              mask=decay_mask(params, cfg.no_decay)))
+    if cfg.lr_scale:
+        parts.append(scale_by_factors(lr_factors(params, cfg.lr_scale)))
     tx = optax.chain(*parts)
     if cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
@@ -65,4 +101,5 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_state, param_
                                  transform_non_params=lambda _: replicated)
 
 
-__all__ = ["decay_mask", "learning_rate_schedule", "make_optimizer", "opt_state_shardings"]
+__all__ = ["decay_mask", "learning_rate_schedule", "lr_factors", "make_optimizer",
+           "opt_state_shardings", "scale_by_factors"]
