@@ -15,14 +15,14 @@ from PIL import Image
 
 import qwenvl_jax as qj
 from qwenvl_jax.cli import main
-from qwenvl_jax.demo.evaluate import format_table, iou, score, summarise
+from qwenvl_jax.demo.evaluate import draw_predictions, format_table, iou, score, summarise
 from qwenvl_jax.demo.model import DemoModelSize, hf_config, write_initial_checkpoint
 from qwenvl_jax.demo.shapes import COLOURS, make_scene, questions, write_split
 from qwenvl_jax.demo.vocab import train_vocab, write_tiktoken
 from qwenvl_jax.grounding import format_box
 from qwenvl_jax.processing.qwen_vl_v1 import QwenTokenizer
 
-SCALE = 0.01  # 60 training scenes, 1 + 4 + 2 training steps
+SCALE = 0.01  # 40 training scenes, 1 + 6 + 3 training steps
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -128,6 +128,34 @@ def test_vocabulary_and_checkpoint_follow_the_qwen_vl_layout(tmp_path):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_qwen_vl_resampler_starts_local(tmp_path):
+    """With the queries tiling the patches (4x4 of 28 px at 112 px), resampler query i starts out
+    reading patch i, and a patch's position code is a row code plus a column code."""
+    import jax.numpy as jnp
+
+    from qwenvl_jax.models.v1_vision import bicubic_resize
+
+    size = DemoModelSize(vocab_ranks=280, patch_size=28)
+    folder = write_initial_checkpoint(tmp_path / "init", size, ["a red circle."] * 3)
+    v = qj.from_pretrained(folder, dtype="float32").visual
+    pixels = np.random.default_rng(0).normal(size=(3, 3, 112, 112)).astype(np.float32)
+    x = v.ln_pre(v.conv1(v.patchify(jnp.asarray(pixels)))
+                 + bicubic_resize(v.positional_embedding[...], 16))
+    for block in v.resblocks:
+        x = block(x)
+    r = v.attn_pool
+    pos = r.pos_embed[...]
+    q = r.attn.q_proj(r.ln_q(r.query[...]) + pos)
+    k = r.attn.k_proj(r.ln_kv(r.kv_proj(x)) + bicubic_resize(pos, 16))
+    attn = np.asarray(jax.nn.softmax(jnp.einsum("qd,nkd->nqk", q, k) / np.sqrt(q.shape[-1])))
+    assert np.diagonal(attn, axis1=1, axis2=2).min() > 0.9
+    table = np.asarray(bicubic_resize(v.positional_embedding[...], 16)).reshape(4, 4, -1)
+    additive = table[:, :1] + table[:1, :] - table[:1, :1]  # row r's code + column c's code
+    np.testing.assert_allclose(table, additive, atol=1e-5)
+    assert np.linalg.norm(table[0, 0] - table[0, 1]) > 1 and np.linalg.norm(
+        table[0, 0] - table[1, 0]) > 1
+
+
 # ------------------------------------------------------------------------------ scoring
 
 
@@ -155,6 +183,23 @@ def test_scoring():
     assert out["vqa_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
     assert out["grounding_miou"] == 0.5 and out["count_accuracy"] is None
     assert "| grounding | 2 | mean IoU | 0.500 |" in format_table(out)
+
+
+def test_picture_takes_boxes_written_the_wrong_way_round(tmp_path):
+    """A model may write the bottom-right corner first: that box scores IoU 0, and the picture
+    still draws it."""
+    write_split(tmp_path / "split", 2, seed=1)
+    scene = json.loads((tmp_path / "split" / "scenes.json").read_text())[0]
+    item = next(i for i in scene["items"] if i["task"] == "ground")
+    x1, y1, x2, y2 = item["box"]
+    ref = format_box(item["a"], item["box"], "qwen_vl", (112, 112)).split("<box>")[0]
+    answer = ref + f"<box>({x2 * 1000 // 112},{y2 * 1000 // 112}),"\
+        f"({x1 * 1000 // 112},{y1 * 1000 // 112})</box>"
+    result = score(item, answer, (112, 112))
+    assert result["box"] is not None and result["iou"] == 0.0 and not result["correct"]
+    draw_predictions([{"scene": 0, "item": item, **result}], tmp_path / "split",
+                     tmp_path / "predictions.png")
+    assert Image.open(tmp_path / "predictions.png").size[0] > 0
 
 
 # ------------------------------------------------------------------------------ end to end

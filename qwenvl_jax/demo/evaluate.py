@@ -204,10 +204,12 @@ def draw_predictions(records: list[dict[str, Any]], split: Path, out: Path,
                 t = [c * scale for c in item["box"]]
                 draw.rectangle((x0 + t[0], y0 + t[1], x0 + t[2], y0 + t[3]), outline=TRUE)
                 if r["box"] is not None:
+                    # corners as the model wrote them, which may be the wrong way round
                     p = [c * scale for c in r["box"]]
-                    draw.rectangle((x0 + p[0], y0 + p[1], x0 + p[2], y0 + p[3]), outline=PRED,
-                                   width=2)
-                    draw.text((x0 + p[0] + 3, y0 + p[1] + 2), item["a"][4:], fill=PRED)
+                    left, right = sorted((x0 + p[0], x0 + p[2]))
+                    top, bottom = sorted((y0 + p[1], y0 + p[3]))
+                    draw.rectangle((left, top, right, bottom), outline=PRED, width=2)
+                    draw.text((left + 3, top + 2), item["a"][4:], fill=PRED)
                 continue
             answer = normalise(r["answer"])[:40]
             lines.append(f"{item['q'][:34]} {answer}{mark}")

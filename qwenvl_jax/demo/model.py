@@ -14,7 +14,10 @@ Initialisation: the model code initialises like the original (normal(0.02) weigh
 widths of 1664 to 4096; at the demo's widths of 64 to 128 it makes every signal several times too
 small, and the vision path then takes thousands of steps to start being used. The demo instead
 draws each linear layer from normal(1/sqrt(fan_in)) and the ViT's position table from
-normal(POS_STD), so that patches know where they are from the start.
+normal(POS_STD), so that patches know where they are from the start. For Qwen-VL the resampler
+also starts local, each query reading its own patch cell (`_local_start`): a randomly
+initialised resampler learns to pool every shape into every query, and grounding then has
+nothing to read positions from.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from qwenvl_jax.demo.vocab import train_vocab, write_tiktoken
 log = logging.getLogger(__name__)
 
 POS_STD = 0.5
+# Qwen-VL's local start (_local_start).
+LOCAL_GAIN = 8.0
+LOCAL_CHANNELS = 4
+VIT_POS_GAIN = 2.0
 # In the order tokenization_qwen.py assigns ids after the ranks (processing/qwen_vl_v1.py).
 N_SPECIAL = 3 + 205 + 9
 IMG_START_OFFSET = 3 + 205 + 6  # <img> among the specials
@@ -223,10 +230,12 @@ def _side_files(n_ranks: int, family: str, size: DemoModelSize) -> dict[str, dic
     }
 
 
-def demo_init(params: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+def demo_init(params: dict[str, np.ndarray], seed: int = 0, image_grid: int = 0
+              ) -> dict[str, np.ndarray]:
     """The demo's initial values for a {dotted path: array} of a freshly built model (see the
     module docstring); other parameters (embeddings, norms, biases, resampler tables and
-    queries, `visual.proj`) are kept."""
+    queries, `visual.proj`) are kept, but for Qwen-VL's local start (`_local_start`, given the
+    patch grid side `image_grid`)."""
     rng = np.random.default_rng(seed)
     out = {}
     for path, value in params.items():
@@ -238,7 +247,49 @@ def demo_init(params: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndar
             out[path] = value
             continue
         out[path] = (rng.standard_normal(value.shape) * std).astype(value.dtype)
+    if "visual.attn_pool.query" in out and image_grid:
+        _local_start(out, rng, image_grid)
     return out
+
+
+def _local_start(params: dict[str, np.ndarray], rng: np.random.Generator, image_grid: int
+                 ) -> None:
+    """Qwen-VL: the resampler's query i starts out reading patch cell i, and each patch starts
+    out with a code of its row plus one of its column (in place).
+
+    The resampler's query and key share the fixed 2-D sin-cos table; the q and k projections
+    start as LOCAL_GAIN times the identity on its LOCAL_CHANNELS fastest sin and cos channels of
+    each axis (zero elsewhere), and ln_q/ln_kv start at zero there, so attention starts as a
+    sharp function of position alone and each of the n_queries image embeddings describes its
+    own cell. Otherwise every query starts out averaging the whole picture, training learns to
+    pool the shapes into each of them, and which shape is where is lost. The ViT's position
+    table starts as VIT_POS_GAIN * (row code + column code)/sqrt(2), constant over the table
+    cells that resize to one patch, so that a patch's row and column can be read off linearly.
+    Applied when the queries tile the image_grid x image_grid patches and that grid divides the
+    16x16 table; otherwise all keep their normal values."""
+    query, table = params["visual.attn_pool.query"], params["visual.positional_embedding"]
+    n_queries, dim = query.shape
+    side = int(round(np.sqrt(table.shape[0])))
+    grid = int(round(np.sqrt(n_queries)))
+    if grid * grid != n_queries or side % grid or image_grid != grid:
+        return
+    quarter = dim // 4
+    channels = [half + part + j for half in (0, 2 * quarter) for part in (0, quarter)
+                for j in range(LOCAL_CHANNELS)]
+    for name in ("q_proj", "k_proj"):
+        kernel = np.zeros((dim, dim), query.dtype)
+        kernel[channels, channels] = LOCAL_GAIN
+        params[f"visual.attn_pool.attn.{name}.kernel"] = kernel
+    for name in ("ln_q", "ln_kv"):
+        weight = params[f"visual.attn_pool.{name}.weight"].copy()
+        weight[channels] = 0.0
+        params[f"visual.attn_pool.{name}.weight"] = weight
+    width = table.shape[1]
+    rows, cols = rng.standard_normal((2, grid, width))
+    code = (rows[:, None] + cols[None, :]) * (VIT_POS_GAIN / np.sqrt(2))  # [grid, grid, W]
+    block = side // grid
+    full = np.repeat(np.repeat(code, block, axis=0), block, axis=1)
+    params["visual.positional_embedding"] = full.reshape(side * side, width).astype(table.dtype)
 
 
 def write_initial_checkpoint(folder: str | Path, size: DemoModelSize, texts: list[str],
@@ -265,7 +316,8 @@ def write_initial_checkpoint(folder: str | Path, size: DemoModelSize, texts: lis
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, content in _side_files(len(ranks), family, size).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        params = demo_init(params_as_numpy(model), seed)
+        params = demo_init(params_as_numpy(model), seed,
+                           image_grid=size.image_size // size.patch_size)
         tensors = mapping_for(model_config).export_tensors(params)
         write_safetensors(tmp, tensors)
     log.info("initial model: %d BPE ranks, vocab %d, written to %s", len(ranks),
