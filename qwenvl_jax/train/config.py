@@ -212,9 +212,9 @@ def from_dict(d: dict) -> TrainConfig:
                 raise ConfigError(f"unknown mesh axis {bad[0]!r} (use data, fsdp, tensor, expert)")
             kw[k] = MeshConfig(**{a: _as_type(f"mesh.{a}", n, 1) for a, n in v.items()})
         elif k == "freeze":
-            kw[k] = _freeze_table(v)
+            kw[k] = _regex_table(k, v, "[regex, train|freeze]", _freeze_action)
         elif k == "lr_scale":
-            kw[k] = _lr_scale_table(v)
+            kw[k] = () if v is None else _regex_table(k, v, "[regex, factor]", _lr_factor)
         elif k == "no_decay":
             if isinstance(v, str):
                 v = [v]
@@ -236,53 +236,44 @@ def from_dict(d: dict) -> TrainConfig:
     return cfg
 
 
-def _freeze_table(v: Any) -> tuple[tuple[str, str], ...]:
-    rows = []
-    if isinstance(v, dict):  # {regex: train|freeze}, in file order
+def _regex_table(name: str, v: Any, shape: str, value: Any) -> tuple[tuple[str, Any], ...]:
+    """A table of [regex, x] rows (or a {regex: x} mapping, in file order) as a tuple of
+    (regex, value(regex, x)); `shape` names the row in errors."""
+    if isinstance(v, dict):
         v = list(v.items())
     if not isinstance(v, list | tuple):
-        raise ConfigError("freeze: expected a list of [regex, train|freeze] rows")
-    for row in v:
-        if not (isinstance(row, list | tuple) and len(row) == 2):
-            raise ConfigError(f"freeze: bad row {row!r} (expected [regex, train|freeze])")
-        pattern, action = str(row[0]), str(row[1])
-        if action not in ("train", "freeze"):
-            raise ConfigError(
-                f"freeze: action of {pattern!r} must be train or freeze, not {action!r}")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"freeze: bad regex {pattern!r} ({e})") from None
-        rows.append((pattern, action))
-    return tuple(rows)
-
-
-def _lr_scale_table(v: Any) -> tuple[tuple[str, float], ...]:
-    if v is None:
-        return ()
-    if isinstance(v, dict):  # {regex: factor}, in file order
-        v = list(v.items())
-    if not isinstance(v, list | tuple):
-        raise ConfigError("lr_scale: expected a list of [regex, factor] rows")
+        raise ConfigError(f"{name}: expected a list of {shape} rows")
     rows = []
     for row in v:
         if not (isinstance(row, list | tuple) and len(row) == 2):
-            raise ConfigError(f"lr_scale: bad row {row!r} (expected [regex, factor])")
+            raise ConfigError(f"{name}: bad row {row!r} (expected {shape})")
         pattern = str(row[0])
-        try:
-            factor = float(row[1])
-        except (TypeError, ValueError):
-            raise ConfigError(f"lr_scale: factor of {pattern!r} must be a number, "
-                              f"not {row[1]!r}") from None
-        if not (math.isfinite(factor) and factor > 0):
-            raise ConfigError(f"lr_scale: factor of {pattern!r} must be > 0 (freeze a part "
-                              f"with the freeze table), got {row[1]!r}")
+        converted = value(pattern, row[1])
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ConfigError(f"lr_scale: bad regex {pattern!r} ({e})") from None
-        rows.append((pattern, factor))
+            raise ConfigError(f"{name}: bad regex {pattern!r} ({e})") from None
+        rows.append((pattern, converted))
     return tuple(rows)
+
+
+def _freeze_action(pattern: str, action: Any) -> str:
+    if str(action) not in ("train", "freeze"):
+        raise ConfigError(f"freeze: action of {pattern!r} must be train or freeze, not "
+                          f"{str(action)!r}")
+    return str(action)
+
+
+def _lr_factor(pattern: str, raw: Any) -> float:
+    try:
+        factor = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"lr_scale: factor of {pattern!r} must be a number, "
+                          f"not {raw!r}") from None
+    if not (math.isfinite(factor) and factor > 0):
+        raise ConfigError(f"lr_scale: factor of {pattern!r} must be > 0 (freeze a part "
+                          f"with the freeze table), got {raw!r}")
+    return factor
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -25,27 +25,35 @@ def path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+def first_match(paths: Iterable[str], patterns: Sequence[str], table: str,
+                scope: str = "parameter of this model") -> dict[str, int | None]:
+    """{path: index of the first pattern that fully matches it, or None}. A pattern that matches
+    none of `paths` (a typo, or a table written for another family) is an error naming `table`
+    and `scope`."""
+    rows = [re.compile(p) for p in patterns]
+    used = [False] * len(rows)
+    out: dict[str, int | None] = {}
+    for path in paths:
+        out[path] = next((i for i, rx in enumerate(rows) if rx.fullmatch(path)), None)
+        if out[path] is not None:
+            used[out[path]] = True
+    unused = [p for p, u in zip(patterns, used) if not u]
+    if unused:
+        raise ConfigError(f"{table}: regex {unused[0]!r} matches no {scope}")
+    return out
+
+
 def trainable_mask(paths: Iterable[str], table: Sequence[tuple[str, str]]) -> dict[str, bool]:
     """{path: True if it trains} by the first row whose regex fully matches the path.
 
     A path no row matches, and a row that matches no path (a typo, or a table written for
     another family), are errors.
     """
-    rows = [(re.compile(p), action == "train", p) for p, action in table]
-    used = [False] * len(rows)
-    mask = {}
-    for path in paths:
-        for i, (rx, train, _) in enumerate(rows):
-            if rx.fullmatch(path):
-                mask[path] = train
-                used[i] = True
-                break
-        else:
-            raise ConfigError(f"freeze: no row matches parameter {path}")
-    unused = [p for (_, _, p), u in zip(rows, used) if not u]
-    if unused:
-        raise ConfigError(f"freeze: regex {unused[0]!r} matches no parameter of this model")
-    return mask
+    rows = first_match(paths, [p for p, _ in table], "freeze")
+    missing = [path for path, i in rows.items() if i is None]
+    if missing:
+        raise ConfigError(f"freeze: no row matches parameter {missing[0]}")
+    return {path: table[i][1] == "train" for path, i in rows.items()}
 
 
 def param_paths(model: nnx.Module) -> list[str]:

@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.train.config import TrainConfig
-from qwenvl_jax.train.freeze import path_str
+from qwenvl_jax.train.freeze import first_match, path_str
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -49,21 +48,12 @@ def lr_factors(params: nnx.State, table: tuple[tuple[str, float], ...]) -> nnx.S
     """The learning-rate factor of every parameter of `params`: that of the first `table` row
     whose regex fully matches its path, 1.0 where none does. A row that matches no parameter is
     an error (a typo, or a table written for another family)."""
-    rows = [(re.compile(p), float(f), p) for p, f in table]
-    used = [False] * len(rows)
-
-    def factor(path: str) -> float:
-        for i, (rx, f, _) in enumerate(rows):
-            if rx.fullmatch(path):
-                used[i] = True
-                return f
-        return 1.0
-
-    flat = [(p, v.replace(factor(path_str(p)))) for p, v in nnx.to_flat_state(params)]
-    unused = [p for (_, _, p), u in zip(rows, used) if not u]
-    if unused:
-        raise ConfigError(f"lr_scale: regex {unused[0]!r} matches no trainable parameter")
-    return nnx.from_flat_state(flat)
+    flat = nnx.to_flat_state(params)
+    rows = first_match([path_str(p) for p, _ in flat], [p for p, _ in table], "lr_scale",
+                       "trainable parameter")
+    return nnx.from_flat_state([
+        (p, v.replace(1.0 if rows[path_str(p)] is None else float(table[rows[path_str(p)]][1])))
+        for p, v in flat])
 
 
 def scale_by_factors(factors: nnx.State) -> optax.GradientTransformation:
