@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenvl_jax.demo.model import DemoModelSize, write_initial_checkpoint
-from qwenvl_jax.demo.shapes import write_split
+from qwenvl_jax.demo.shapes import TASKS, write_split
 from qwenvl_jax.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ def make_data(workdir: Path, cfg: dict[str, Any], family: str, scale: float, pro
     for name, (n, seed) in splits.items():
         if not (data / name / "scenes.json").is_file():
             write_split(data / name, n, seed=seed, size=size, progress=progress,
-                        per_conversation=int(cfg["data"].get("per_conversation", 1)), **scene)
+                        per_conversation=int(cfg["data"].get("per_conversation", 1)),
+                        tasks=tuple(cfg["data"].get("tasks", TASKS)), **scene)
     records = data / "train_records"
     if not (records / "metadata.json").is_file():
         from tqdm import tqdm

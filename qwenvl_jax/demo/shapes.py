@@ -24,7 +24,11 @@ COLOURS = {
     "purple": (150, 60, 190),
 }
 SHAPES = ("circle", "square", "triangle")
+# Every shape gets a dark outline: a kind is then drawn by its edges as well as by where its fill
+# is, which a small ViT trained from scratch tells apart far sooner (shape accuracy 0.75 -> 1.0).
+OUTLINE = (40, 40, 40)
 COUNT_WORDS = ("zero", "one", "two", "three")
+TASKS = ("colour", "shape", "ground", "count", "position", "caption", "list")
 
 
 @dataclass(frozen=True)
@@ -66,25 +70,27 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def _draw(draw: ImageDraw.ImageDraw, s: Shape) -> None:
+def _draw(draw: ImageDraw.ImageDraw, s: Shape, outline: bool = True) -> None:
     x1, y1, x2, y2 = s.box
     fill = COLOURS[s.colour]
+    line = dict(outline=OUTLINE, width=max(2, (x2 - x1) // 9)) if outline else {}
     if s.kind == "circle":
-        draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill, **line)
     elif s.kind == "square":
-        draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill, **line)
     else:
-        draw.polygon([((x1 + x2) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=fill)
+        draw.polygon([((x1 + x2) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=fill, **line)
 
 
 def make_scene(rng: np.random.Generator, size: int = 112, max_shapes: int = 3, grid: int = 8,
-               cells: tuple[int, int] = (1, 2)) -> Scene:
+               cells: tuple[int, int] = (1, 2), outline: bool = True) -> Scene:
     """1..max_shapes shapes with distinct (colour, kind) pairs and boxes at least a cell apart.
 
     Corners lie on a grid x grid lattice (at 112 px and 8 cells: the 14 px patches of the ViT)
     and sides span cells[0] to cells[1] cells. A shape then always falls on the patches in the
     same few ways, and a box is one of a few values per coordinate: what lets a small model
-    trained from scratch learn shapes and boxes in minutes."""
+    trained from scratch learn shapes and boxes in minutes. `outline`: shapes drawn with a dark
+    edge (OUTLINE)."""
     cell = size / grid
     n = int(rng.integers(1, max_shapes + 1))
     shapes: list[Shape] = []
@@ -106,7 +112,7 @@ def make_scene(rng: np.random.Generator, size: int = 112, max_shapes: int = 3, g
     image = _background(rng, size)
     draw = ImageDraw.Draw(image)
     for s in shapes:
-        _draw(draw, s)
+        _draw(draw, s, outline)
     return Scene(image, tuple(shapes))
 
 
@@ -122,7 +128,8 @@ def caption(scene: Scene) -> str:
 
 
 def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
-    """The items (task, q, a[, box]) of one scene; every answer is unambiguous: a colour
+    """The items (task, q, a[, box]) of one scene (tasks in TASKS); every answer is
+    unambiguous: a colour
     question names a shape kind the scene holds once, a shape question a colour it holds once,
     and a position question two shapes whose centres are at least an eighth of the width apart."""
     out = []
@@ -143,6 +150,11 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
         side = "left" if sa.cx < sb.cx else "right"
         out.append(dict(task="position", q=f"Is {sa.name} left or right of {sb.name}?", a=side))
     out.append(dict(task="caption", q="Describe the picture.", a=caption(scene)))
+    # Kind before colour, in a random order: the caption ("a red circle") teaches finding a
+    # shape by its colour; only this teaches finding it by its kind, which colour questions need.
+    listed = [scene.shapes[k] for k in rng.permutation(len(scene.shapes))]
+    out.append(dict(task="list", q="List each shape and its colour.",
+                    a=", ".join(f"{s.kind} {s.colour}" for s in listed) + "."))
     return out
 
 
@@ -167,13 +179,19 @@ def to_messages(image_path: str, items: list[dict]) -> dict:
 
 def write_split(folder: str | Path, n_scenes: int, seed: int, size: int = 112,
                 per_conversation: int = 1, max_shapes: int = 3, grid: int = 8,
-                cells: tuple[int, int] = (1, 2), progress: bool = False) -> Path:
+                cells: tuple[int, int] = (1, 2), outline: bool = True,
+                tasks: tuple[str, ...] = TASKS, progress: bool = False) -> Path:
     """Render n_scenes pictures into folder/images and write folder/data.jsonl, one line per
     conversation: a scene's questions in a random order, `per_conversation` at a time (0: all
     of them in one conversation), and folder/scenes.json (the ground truth, for evaluation),
-    written last. Returns the JSONL path."""
+    written last. Only the items of `tasks` are kept. Returns the JSONL path."""
     from tqdm import tqdm
 
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        from qwenvl_jax.errors import ConfigError
+
+        raise ConfigError(f"unknown demo task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -181,10 +199,10 @@ def write_split(folder: str | Path, n_scenes: int, seed: int, size: int = 112,
     with open(folder / "data.jsonl", "w") as f:
         for i in tqdm(range(n_scenes), desc=f"data: {folder.name}", unit="scene",
                       disable=not progress):
-            scene = make_scene(rng, size, max_shapes, grid, tuple(cells))
+            scene = make_scene(rng, size, max_shapes, grid, tuple(cells), outline)
             rel = f"images/{i:05d}.png"
             scene.image.save(folder / rel)
-            items = questions(scene, rng)
+            items = [item for item in questions(scene, rng) if item["task"] in tasks]
             order = [items[k] for k in rng.permutation(len(items))]
             step = per_conversation or len(order)
             for k in range(0, len(order), step):
