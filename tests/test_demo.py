@@ -17,12 +17,12 @@ import qwenvl_jax as qj
 from qwenvl_jax.cli import main
 from qwenvl_jax.demo.evaluate import draw_predictions, format_table, iou, score, summarise
 from qwenvl_jax.demo.model import DemoModelSize, hf_config, write_initial_checkpoint
-from qwenvl_jax.demo.shapes import COLOURS, make_scene, questions, write_split
+from qwenvl_jax.demo.shapes import COLOURS, OUTLINE, make_scene, questions, write_split
 from qwenvl_jax.demo.vocab import train_vocab, write_tiktoken
 from qwenvl_jax.grounding import format_box
 from qwenvl_jax.processing.qwen_vl_v1 import QwenTokenizer
 
-SCALE = 0.01  # 40 training scenes, 1 + 6 + 3 training steps
+SCALE = 0.01  # 40 training scenes, 1 + 6 + 4 training steps
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,12 +51,15 @@ def test_scenes_are_seeded_on_the_grid_and_questions_are_unambiguous():
             # the shape's colour is drawn at its centre
             centre = pixels[(y1 + 2 * y2) // 3, (x1 + x2) // 2]
             assert tuple(centre) == COLOURS[s.colour]
+            assert tuple(pixels[y2 - 1, (x1 + x2) // 2]) == OUTLINE  # the base's edge
         for i, s in enumerate(a.shapes):
             for t in a.shapes[i + 1:]:
                 assert (s.kind, s.colour) != (t.kind, t.colour)
                 assert max(s.box[0], t.box[0]) >= min(s.box[2], t.box[2]) or (
                     max(s.box[1], t.box[1]) >= min(s.box[3], t.box[3]))
-        for item in questions(a, np.random.default_rng(seed)):
+        items = questions(a, np.random.default_rng(seed))
+        assert {"count", "caption", "list", "ground"} <= {item["task"] for item in items}
+        for item in items:
             if item["task"] == "colour":
                 kind = item["q"].split()[-1].rstrip("?")
                 (only,) = [s for s in a.shapes if s.kind == kind]
@@ -75,6 +78,9 @@ def test_scenes_are_seeded_on_the_grid_and_questions_are_unambiguous():
             elif item["task"] == "ground":
                 (named,) = [s for s in a.shapes if s.name == item["a"]]
                 assert tuple(item["box"]) == named.box
+            elif item["task"] == "list":  # every shape once, kind before colour
+                listed = sorted(item["a"].rstrip(".").split(", "))
+                assert listed == sorted(f"{s.kind} {s.colour}" for s in a.shapes)
 
 
 def test_split_conversations_hold_every_question_once(tmp_path):
@@ -93,6 +99,17 @@ def test_split_conversations_hold_every_question_once(tmp_path):
     lines = per_question.read_text().splitlines()
     assert len(lines) == sum(len(s["items"]) for s in scenes)
     assert all(len(json.loads(line)["messages"]) == 2 for line in lines)
+
+
+def test_split_keeps_the_tasks_asked_for(tmp_path):
+    from qwenvl_jax.errors import ConfigError
+
+    write_split(tmp_path / "some", 5, seed=4, per_conversation=0, tasks=("colour", "list"))
+    scenes = json.loads((tmp_path / "some" / "scenes.json").read_text())
+    tasks = {item["task"] for scene in scenes for item in scene["items"]}
+    assert "list" in tasks and tasks <= {"colour", "list"}
+    with pytest.raises(ConfigError, match="unknown demo task 'colours'"):
+        write_split(tmp_path / "bad", 2, seed=4, tasks=("colours",))
 
 
 # ------------------------------------------------------------------------------ vocabulary, model
@@ -227,7 +244,8 @@ def test_shortened_demo_writes_every_output(demo):
     # results.json is the summary of the per-question predictions
     records = [json.loads(line) for line in (work / "predictions.jsonl").read_text().splitlines()]
     scenes = json.loads((work / "data" / "heldout" / "scenes.json").read_text())
-    assert len(records) == sum(len(s["items"]) for s in scenes)
+    # every held-out question but the shape lists (a training task; their order is random)
+    assert len(records) == sum(item["task"] != "list" for s in scenes for item in s["items"])
     assert {k: results[k] for k in summarise(records)} == summarise(records)
     assert format_table(results).splitlines()[2] in printed
     # the picture: a grid of 224 px tiles with text below
@@ -245,6 +263,23 @@ def test_shortened_demo_writes_every_output(demo):
     # WORKDIR/model is the last stage's model
     assert sorted(p.name for p in (work / "model").iterdir()) == sorted(
         p.name for p in (work / "stage3" / "model").iterdir())
+
+
+def test_demo_keeps_the_resampler_reading_its_own_cell(demo):
+    # the demo's freeze rows hold the resampler's query/key path at its local start through
+    # the three stages, while its values and the rest of the adapter train
+    from qwenvl_jax.modeling import from_pretrained
+
+    work, _ = demo
+    start = from_pretrained(work / "init", dtype="float32").visual.attn_pool
+    end = from_pretrained(work / "model", dtype="float32").visual.attn_pool
+    for part in ("attn.q_proj.kernel", "attn.k_proj.kernel", "ln_q.weight", "ln_kv.weight"):
+        a, b = start, end
+        for name in part.split("."):
+            a, b = getattr(a, name), getattr(b, name)
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=part)
+    assert not np.array_equal(np.asarray(start.attn.v_proj.kernel[...]),
+                              np.asarray(end.attn.v_proj.kernel[...]))
 
 
 def test_generate_answers_from_the_demo_model(demo, capsys):

@@ -7,6 +7,9 @@ every question of the held-out scenes, scored per task, drawn as a picture.
 - grounding: the answer's box (`qwenvl_jax.grounding.parse_boxes`; the box named like the
   question's shape when several are given) against the true box, intersection over union
   (0 when no box is given); mean IoU, and the share with IoU >= 0.5.
+
+The shape lists ("list" items) are a training task only: their order is random, so they are not
+asked.
 """
 
 from __future__ import annotations
