@@ -438,6 +438,8 @@ def test_processor_reproduces_fixture_inputs(processor, in_fixture, name):
     inputs = processor(s["messages"])
     assert inputs["input_ids"].dtype == np.int64
     np.testing.assert_array_equal(inputs["input_ids"], d["input_ids"])
+    # the ids alone, no image work (what the data pipeline renders prefixes with)
+    np.testing.assert_array_equal(processor.prompt_ids(s["messages"]), d["input_ids"][0])
     assert inputs["attention_mask"].all()
     if "pixel_values" in d:
         assert inputs["pixel_values"].dtype == np.float32

@@ -163,8 +163,8 @@ class SampleTransform:
         stand_in = _replace_images(messages, np.zeros((1, 1, 3), np.uint8))
 
         def ids_of(conversation: list[dict[str, Any]], generation_prompt: bool) -> np.ndarray:
-            out = self.processor(conversation, add_generation_prompt=generation_prompt)
-            return np.asarray(out["input_ids"][0])
+            return np.asarray(self.processor.prompt_ids(conversation, generation_prompt),
+                              np.int64)
 
         input_ids = ids_of(stand_in, False)
         reply = np.zeros(len(input_ids), bool)

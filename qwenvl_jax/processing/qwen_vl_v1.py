@@ -360,6 +360,12 @@ class QwenVLProcessor:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
+    def prompt_ids(self, conversation: Sequence[Mapping[str, Any]],
+                   add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of one conversation, as `__call__` gives them, without preprocessing
+        its images (the data pipeline renders prefixes of a conversation to find the replies)."""
+        return self._render(conversation, add_generation_prompt)[1]
+
     # ----------------------------------------------------------------------------- model inputs
 
     def __call__(self, messages: Any, *, add_generation_prompt: bool = True,
