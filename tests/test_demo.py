@@ -6,6 +6,7 @@ the full demo (docs/demo_table.md), not here: a shortened run trains for a few s
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -112,6 +113,24 @@ def test_split_keeps_the_tasks_asked_for(tmp_path):
     with pytest.raises(ConfigError, match="unknown demo task 'colours'"):
         write_split(tmp_path / "bad", 2, seed=4, tasks=("colours",))
 
+
+
+def test_split_repeats_weight_tasks_without_changing_the_scenes(tmp_path):
+    from qwenvl_jax.errors import ConfigError
+
+    once = write_split(tmp_path / "once", 6, seed=5)
+    twice = write_split(tmp_path / "twice", 6, seed=5, repeat={"colour": 2})
+    assert ((tmp_path / "once" / "scenes.json").read_text()
+            == (tmp_path / "twice" / "scenes.json").read_text())
+    a, b = (Counter(json.loads(line)["tasks"][0] for line in path.read_text().splitlines())
+            for path in (once, twice))
+    assert a["colour"] > 0 and b["colour"] == 2 * a["colour"]
+    assert {t: n for t, n in b.items() if t != "colour"} == {
+        t: n for t, n in a.items() if t != "colour"}
+    with pytest.raises(ConfigError, match="repeat.colour must be an integer >= 1"):
+        write_split(tmp_path / "bad", 2, seed=5, repeat={"colour": 0})
+    with pytest.raises(ConfigError, match="unknown demo task 'colours'"):
+        write_split(tmp_path / "bad", 2, seed=5, repeat={"colours": 2})
 
 # ------------------------------------------------------------------------------ vocabulary, model
 

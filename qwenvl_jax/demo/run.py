@@ -116,13 +116,14 @@ def make_data(workdir: Path, cfg: dict[str, Any], family: str, scale: float, pro
     data = workdir / "data"
     size = cfg["model"].get("image_size", DemoModelSize().image_size)
     scene = dict(cfg["data"].get("scene", {}))
-    splits = {"train": (scaled(cfg["data"]["train_scenes"], scale, 8), 1),
-              "heldout": (scaled(cfg["data"]["heldout_scenes"], scale, 4), 2)}
-    for name, (n, seed) in splits.items():
+    repeat = dict(cfg["data"].get("repeat") or {})
+    splits = {"train": (scaled(cfg["data"]["train_scenes"], scale, 8), 1, repeat),
+              "heldout": (scaled(cfg["data"]["heldout_scenes"], scale, 4), 2, None)}
+    for name, (n, seed, weights) in splits.items():
         if not (data / name / "scenes.json").is_file():
             write_split(data / name, n, seed=seed, size=size, progress=progress,
                         per_conversation=int(cfg["data"].get("per_conversation", 1)),
-                        tasks=tuple(cfg["data"].get("tasks", TASKS)), **scene)
+                        tasks=tuple(cfg["data"].get("tasks", TASKS)), repeat=weights, **scene)
     records = data / "train_records"
     if not (records / "metadata.json").is_file():
         from tqdm import tqdm

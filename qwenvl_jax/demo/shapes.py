@@ -181,16 +181,22 @@ def to_messages(image_path: str, items: list[dict]) -> dict:
 def write_split(folder: str | Path, n_scenes: int, seed: int, size: int = 112,
                 per_conversation: int = 1, max_shapes: int = 3, grid: int = 8,
                 cells: tuple[int, int] = (1, 2),
-                tasks: tuple[str, ...] = TASKS, progress: bool = False) -> Path:
+                tasks: tuple[str, ...] = TASKS, repeat: dict[str, int] | None = None,
+                progress: bool = False) -> Path:
     """Render n_scenes pictures into folder/images and write folder/data.jsonl, one line per
     conversation: a scene's questions in a random order, `per_conversation` at a time (0: all
     of them in one conversation), and folder/scenes.json (the ground truth, for evaluation),
-    written last. Only the items of `tasks` are kept. Returns the JSONL path."""
+    written last. Only the items of `tasks` are kept; `repeat` asks some tasks' items more than
+    once (task -> times, in data.jsonl only: a weight for training). Returns the JSONL path."""
     from tqdm import tqdm
 
-    unknown = sorted(set(tasks) - set(TASKS))
+    repeat = dict(repeat or {})
+    unknown = sorted((set(tasks) | set(repeat)) - set(TASKS))
     if unknown:
         raise ConfigError(f"unknown demo task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
+    bad = [t for t, n in repeat.items() if not (isinstance(n, int) and n >= 1)]
+    if bad:
+        raise ConfigError(f"repeat.{bad[0]} must be an integer >= 1, got {repeat[bad[0]]!r}")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -203,6 +209,8 @@ def write_split(folder: str | Path, n_scenes: int, seed: int, size: int = 112,
             scene.image.save(folder / rel)
             items = [item for item in questions(scene, rng) if item["task"] in tasks]
             order = [items[k] for k in rng.permutation(len(items))]
+            # Repeats follow the draw, so the scenes do not depend on them.
+            order = [item for item in order for _ in range(repeat.get(item["task"], 1))]
             step = per_conversation or len(order)
             for k in range(0, len(order), step):
                 f.write(json.dumps(to_messages(rel, order[k:k + step])) + "\n")
