@@ -1,7 +1,7 @@
 """`qwenvl-jax demo`: the synthetic scenes and their questions, the demo's own vocabulary and
 checkpoint, the scoring, and a shortened demo end to end (every output file, then `generate
 --model WORKDIR/model` answering from the trained model). The accuracy thresholds are checked by
-the full demo (docs/demo_table.md), not here: a shortened run trains for a few steps only."""
+the full demo (the README's table), not here: a shortened run trains for a few steps only."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from qwenvl_jax.demo.vocab import train_vocab, write_tiktoken
 from qwenvl_jax.grounding import format_box
 from qwenvl_jax.processing.qwen_vl_v1 import QwenTokenizer
 
-SCALE = 0.01  # 40 training scenes, 1 + 6 + 4 training steps
+SCALE = 0.01  # 40 training scenes, 1 + 6 + 3 training steps
 
 
 @pytest.fixture(scope="module", autouse=True)
