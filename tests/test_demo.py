@@ -114,7 +114,6 @@ def test_split_keeps_the_tasks_asked_for(tmp_path):
         write_split(tmp_path / "bad", 2, seed=4, tasks=("colours",))
 
 
-
 def test_split_repeats_weight_tasks_without_changing_the_scenes(tmp_path):
     from qwenvl_jax.errors import ConfigError
 
@@ -131,6 +130,7 @@ def test_split_repeats_weight_tasks_without_changing_the_scenes(tmp_path):
         write_split(tmp_path / "bad", 2, seed=5, repeat={"colour": 0})
     with pytest.raises(ConfigError, match="unknown demo task 'colours'"):
         write_split(tmp_path / "bad", 2, seed=5, repeat={"colours": 2})
+
 
 # ------------------------------------------------------------------------------ vocabulary, model
 

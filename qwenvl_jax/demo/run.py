@@ -116,7 +116,7 @@ def make_data(workdir: Path, cfg: dict[str, Any], family: str, scale: float, pro
     data = workdir / "data"
     size = cfg["model"].get("image_size", DemoModelSize().image_size)
     scene = dict(cfg["data"].get("scene", {}))
-    repeat = dict(cfg["data"].get("repeat") or {})
+    repeat = cfg["data"].get("repeat")  # training weights; the held-out split asks each once
     splits = {"train": (scaled(cfg["data"]["train_scenes"], scale, 8), 1, repeat),
               "heldout": (scaled(cfg["data"]["heldout_scenes"], scale, 4), 2, None)}
     for name, (n, seed, weights) in splits.items():
