@@ -34,7 +34,8 @@ from tests.checkpoints import v1_checkpoint
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE = SHARED / "fixtures" / "qwen_vl_v1_tiny"
 REAL = SHARED / "reference_configs" / "Qwen__Qwen-VL-Chat"
-SCENARIOS = json.loads((FIXTURE / "expected" / "scenarios.json").read_text())["scenarios"]
+SCENARIOS = (json.loads((FIXTURE / "expected" / "scenarios.json").read_text())["scenarios"]
+             if FIXTURE.is_dir() else [])  # without it the module skips (pytestmark)
 NAMES = [s["name"] for s in SCENARIOS]
 GREEDY = 24
 CACHE_LEN = 384  # every scenario's prompt + 24 new tokens fits: one compiled decode step
