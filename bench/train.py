@@ -34,8 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-IDS = dict(image_token_id=4000, video_token_id=4001, vision_start_token_id=4002,
-           vision_end_token_id=4003)
+IDS = dict(
+    image_token_id=4000, video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003
+)
 GRID = (1, 8, 8)  # patches of the picture in each row: 16 merged tokens
 
 
@@ -44,31 +45,74 @@ def hf_config(family: str):
     import transformers
 
     qwen3 = family.startswith("qwen3")
-    rope = {"rope_type": "default", "rope_theta": 1e6,
-            "mrope_section": [8, 12, 12] if not qwen3 else [12, 10, 10]}
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 1e6,
+        "mrope_section": [8, 12, 12] if not qwen3 else [12, 10, 10],
+    }
     if qwen3:
         rope["mrope_interleaved"] = True
-    text = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                max_position_embeddings=32768, rope_parameters=rope)
+    text = dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        rope_parameters=rope,
+    )
     if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=128, hidden_size=256, num_heads=2, mlp_ratio=4,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(
+            depth=2,
+            embed_dim=128,
+            hidden_size=256,
+            num_heads=2,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **IDS)
     if family == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=128, intermediate_size=384, num_heads=2,
-                      out_hidden_size=256, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
-                      hidden_act="silu")
+        vision = dict(
+            depth=2,
+            hidden_size=128,
+            intermediate_size=384,
+            num_heads=2,
+            out_hidden_size=256,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+            hidden_act="silu",
+        )
         return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **IDS)
     text.update(head_dim=64)
-    vision = dict(depth=2, hidden_size=128, intermediate_size=384, num_heads=2,
-                  out_hidden_size=256, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                  num_position_embeddings=64, deepstack_visual_indexes=[0],
-                  hidden_act="gelu_pytorch_tanh")
+    vision = dict(
+        depth=2,
+        hidden_size=128,
+        intermediate_size=384,
+        num_heads=2,
+        out_hidden_size=256,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0],
+        hidden_act="gelu_pytorch_tanh",
+    )
     if family == "qwen3_vl_moe":
-        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=192,
-                    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
+        text.update(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=192,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            router_aux_loss_coef=0.001,
+        )
         return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **IDS)
     return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **IDS)
 
@@ -84,29 +128,39 @@ def make_rows(family: str, cfg, batch: int, seq: int, seed: int = 0) -> dict[str
     for b in range(batch):
         ids[b, 0] = 1
         ids[b, 1] = IDS["vision_start_token_id"]
-        ids[b, 2:2 + n] = IDS["image_token_id"]
-        types[b, 2:2 + n] = 1
+        ids[b, 2 : 2 + n] = IDS["image_token_id"]
+        types[b, 2 : 2 + n] = 1
         ids[b, 2 + n] = IDS["vision_end_token_id"]
-        ids[b, 3 + n:] = rng.integers(10, 3900, seq - 3 - n)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "mm_token_type_ids": types,
-            "pixel_values": rng.standard_normal((batch * t * h * w, patch_dim)).astype(np.float32),
-            "image_grid_thw": np.tile(np.asarray([GRID]), (batch, 1))}
+        ids[b, 3 + n :] = rng.integers(10, 3900, seq - 3 - n)
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "mm_token_type_ids": types,
+        "pixel_values": rng.standard_normal((batch * t * h * w, patch_dim)).astype(np.float32),
+        "image_grid_thw": np.tile(np.asarray([GRID]), (batch, 1)),
+    }
 
 
 def our_batch(model, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The training batch contract for the same rows: loss on every next token."""
     from qwenvl_jax.data.batch import vision_fields
 
-    x = model.prepare(rows["input_ids"], rows["attention_mask"], rows["pixel_values"],
-                      rows["image_grid_thw"])
+    x = model.prepare(
+        rows["input_ids"], rows["attention_mask"], rows["pixel_values"], rows["image_grid_thw"]
+    )
     ids = np.asarray(x.input_ids)
     targets = np.zeros_like(ids)
     targets[:, :-1] = ids[:, 1:]
     mask = np.zeros(ids.shape, np.float32)
     mask[:, :-1] = 1
-    return {"input_ids": ids, "segment_ids": np.asarray(x.segment_ids),
-            "position_ids": np.asarray(x.position_ids), "targets": targets, "loss_mask": mask,
-            **vision_fields(x.vision)}
+    return {
+        "input_ids": ids,
+        "segment_ids": np.asarray(x.segment_ids),
+        "position_ids": np.asarray(x.position_ids),
+        "targets": targets,
+        "loss_mask": mask,
+        **vision_fields(x.vision),
+    }
 
 
 def time_ours(folder: Path, rows, steps: int, warmup: int) -> tuple[float, float, float]:
@@ -123,9 +177,18 @@ def time_ours(folder: Path, rows, steps: int, warmup: int) -> tuple[float, float
     batch_np = our_batch(model, rows)
     mesh = make_mesh(devices=jax.devices()[:1])
     B, L = rows["input_ids"].shape
-    cfg = from_dict({"freeze": [[".*", "train"]], "learning_rate": 1e-5, "warmup_steps": 0,
-                     "steps": 1000, "batch_size": B, "seq_len": L, "clip_norm": 1.0,
-                     "weight_decay": 0.0})
+    cfg = from_dict(
+        {
+            "freeze": [[".*", "train"]],
+            "learning_rate": 1e-5,
+            "warmup_steps": 0,
+            "steps": 1000,
+            "batch_size": B,
+            "seq_len": L,
+            "clip_norm": 1.0,
+            "weight_decay": 0.0,
+        }
+    )
     trainer = Trainer(model, cfg, mesh)
     state = trainer.init_state()
     batch = trainer.put_batch(batch_np)
@@ -146,10 +209,12 @@ def time_torch(folder: Path, family: str, rows, steps: int, warmup: int) -> floa
     import torch
     import transformers
 
-    cls = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
-           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-           "qwen3_vl": "Qwen3VLForConditionalGeneration",
-           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}[family]
+    cls = {
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen3_vl": "Qwen3VLForConditionalGeneration",
+        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    }[family]
     model = getattr(transformers, cls).from_pretrained(folder, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     kw = {k: torch.from_numpy(v) for k, v in rows.items()}
@@ -189,12 +254,16 @@ def main() -> None:
     peak = peak_flops(device)
     tokens = args.batch * args.seq
     if not args.json:
-        print(f"device: {device.device_kind}, peak {peak / 1e9:.1f} GFLOP/s (float32 matmul, "
-              f"measured); torch threads {torch.get_num_threads()}; batch {args.batch} x "
-              f"{args.seq} tokens")
-        print(f"{'family':<14}{'params':>10}{'GFLOP/step':>12}{'compile s':>11}"
-              f"{'ours tok/s':>12}{'ours MFU':>10}{'torch tok/s':>13}{'torch MFU':>11}"
-              f"{'speed-up':>10}")
+        print(
+            f"device: {device.device_kind}, peak {peak / 1e9:.1f} GFLOP/s (float32 matmul, "
+            f"measured); torch threads {torch.get_num_threads()}; batch {args.batch} x "
+            f"{args.seq} tokens"
+        )
+        print(
+            f"{'family':<14}{'params':>10}{'GFLOP/step':>12}{'compile s':>11}"
+            f"{'ours tok/s':>12}{'ours MFU':>10}{'torch tok/s':>13}{'torch MFU':>11}"
+            f"{'speed-up':>10}"
+        )
     for family in args.family:
         hf_cfg = hf_config(family)
         cfg = from_hf(hf_cfg.to_dict())
@@ -202,28 +271,39 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             import transformers
 
-            cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-                   "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-                   "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
-                   "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration}[family]
+            cls = {
+                "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+                "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+                "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+                "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
+            }[family]
             ref = cls(hf_cfg)
             n_params = sum(p.numel() for p in ref.parameters())
             ref.save_pretrained(tmp)
             del ref
             ours_s, flops, compile_s = time_ours(Path(tmp), rows, args.steps, args.warmup)
             torch_s = time_torch(Path(tmp), family, rows, args.steps, args.warmup)
-        result = {"family": family, "params": n_params, "flops_per_step": flops,
-                  "compile_s": compile_s, "ours_tokens_per_s": tokens / ours_s,
-                  "torch_tokens_per_s": tokens / torch_s,
-                  "ours_mfu": flops / ours_s / peak, "torch_mfu": flops / torch_s / peak,
-                  "speedup": torch_s / ours_s, "peak_flops": peak}
+        result = {
+            "family": family,
+            "params": n_params,
+            "flops_per_step": flops,
+            "compile_s": compile_s,
+            "ours_tokens_per_s": tokens / ours_s,
+            "torch_tokens_per_s": tokens / torch_s,
+            "ours_mfu": flops / ours_s / peak,
+            "torch_mfu": flops / torch_s / peak,
+            "speedup": torch_s / ours_s,
+            "peak_flops": peak,
+        }
         if args.json:
             print(json.dumps(result))
             continue
-        print(f"{family:<14}{n_params / 1e6:>9.1f}M{flops / 1e9:>12.2f}{compile_s:>11.1f}"
-              f"{result['ours_tokens_per_s']:>12.0f}{100 * result['ours_mfu']:>9.1f}%"
-              f"{result['torch_tokens_per_s']:>13.0f}{100 * result['torch_mfu']:>10.1f}%"
-              f"{result['speedup']:>9.2f}x")
+        print(
+            f"{family:<14}{n_params / 1e6:>9.1f}M{flops / 1e9:>12.2f}{compile_s:>11.1f}"
+            f"{result['ours_tokens_per_s']:>12.0f}{100 * result['ours_mfu']:>9.1f}%"
+            f"{result['torch_tokens_per_s']:>13.0f}{100 * result['torch_mfu']:>10.1f}%"
+            f"{result['speedup']:>9.2f}x"
+        )
 
 
 if __name__ == "__main__":

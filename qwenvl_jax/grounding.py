@@ -49,8 +49,7 @@ def _check(family: str, image_size: Sequence[int]) -> tuple[int, int]:
     return w, h
 
 
-def _input_size(image_size: tuple[int, int], input_size: Sequence[int] | None
-                ) -> tuple[int, int]:
+def _input_size(image_size: tuple[int, int], input_size: Sequence[int] | None) -> tuple[int, int]:
     if input_size is not None:
         return int(input_size[0]), int(input_size[1])
     from qwenvl_jax.processing.image import smart_resize
@@ -63,8 +62,9 @@ def _clamp(v: float, hi: int) -> int:
     return min(max(int(v), 0), hi)
 
 
-def parse_boxes(text: str, family: str, image_size: Sequence[int], *,
-                input_size: Sequence[int] | None = None) -> list[tuple[str, Box]]:
+def parse_boxes(
+    text: str, family: str, image_size: Sequence[int], *, input_size: Sequence[int] | None = None
+) -> list[tuple[str, Box]]:
     """Every box in `text` as (label, (x1, y1, x2, y2)) in pixels of image_size = (width,
     height), in the order they appear; label "" when no reference names the box. Relative
     coordinates map to pixels as the original drawing code does: int(v / 1000 * size)."""
@@ -82,27 +82,32 @@ def parse_boxes(text: str, family: str, image_size: Sequence[int], *,
     out = []
     for label, (x1, y1, x2, y2) in raw:
         if family == "qwen2_5_vl":
-            px = (round(x1 * scale[0]), round(y1 * scale[1]), round(x2 * scale[0]),
-                  round(y2 * scale[1]))
+            px = (
+                round(x1 * scale[0]),
+                round(y1 * scale[1]),
+                round(x2 * scale[0]),
+                round(y2 * scale[1]),
+            )
         else:
             px = (x1 / RELATIVE * w, y1 / RELATIVE * h, x2 / RELATIVE * w, y2 / RELATIVE * h)
-        out.append((label, (_clamp(px[0], w), _clamp(px[1], h), _clamp(px[2], w),
-                            _clamp(px[3], h))))
+        out.append(
+            (label, (_clamp(px[0], w), _clamp(px[1], h), _clamp(px[2], w), _clamp(px[3], h)))
+        )
     return out
 
 
-def _parse_tags(text: str, ref_open: str, ref_close: str, box_open: str, box_close: str
-                ) -> list[tuple[str, tuple[float, ...]]]:
+def _parse_tags(
+    text: str, ref_open: str, ref_close: str, box_open: str, box_close: str
+) -> list[tuple[str, tuple[float, ...]]]:
     ref = re.escape(ref_open) + r"(.*?)" + re.escape(ref_close)
-    box = (re.escape(box_open) + rf"\({_NUM},{_NUM}\)\s*,\s*\({_NUM},{_NUM}\)"
-           + re.escape(box_close))
+    box = re.escape(box_open) + rf"\({_NUM},{_NUM}\)\s*,\s*\({_NUM},{_NUM}\)" + re.escape(box_close)
     out, label, end = [], "", 0
     for m in re.finditer(f"{ref}|{box}", text, flags=re.S):
         if m.group(1) is not None:
             label = m.group(1).strip()
         else:
             # A box belongs to the reference right before it (other boxes between them allowed).
-            if text[end:m.start()].strip():
+            if text[end : m.start()].strip():
                 label = ""
             out.append((label, tuple(float(m.group(i)) for i in range(2, 6))))
         end = m.end()
@@ -135,8 +140,11 @@ def _parse_json(text: str) -> list[tuple[str, tuple[float, ...]]]:
         if not isinstance(item, dict):
             continue
         bbox = item.get("bbox_2d", item.get("bbox"))
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) for v in bbox)):
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(isinstance(v, (int, float)) for v in bbox)
+        ):
             continue
         label = item.get("label", "")
         out.append(("" if label is None else str(label), tuple(float(v) for v in bbox)))
@@ -147,8 +155,14 @@ def _relative(v: float, size: int, top: int) -> int:
     return min(max(round(v / size * RELATIVE), 0), top)
 
 
-def format_box(label: str | None, box_px: Sequence[float], family: str,
-               image_size: Sequence[int], *, input_size: Sequence[int] | None = None) -> str:
+def format_box(
+    label: str | None,
+    box_px: Sequence[float],
+    family: str,
+    image_size: Sequence[int],
+    *,
+    input_size: Sequence[int] | None = None,
+) -> str:
     """One box as the family's answers write it (a JSON object for the JSON families).
     box_px: (x1, y1, x2, y2) in pixels of image_size = (width, height)."""
     w, h = _check(family, image_size)
@@ -158,33 +172,48 @@ def format_box(label: str | None, box_px: Sequence[float], family: str,
     if family in _TAGS:
         ref_open, ref_close, box_open, box_close = _TAGS[family]
         top = RELATIVE - 1  # [0, 1000)
-        c = (_relative(x1, w, top), _relative(y1, h, top), _relative(x2, w, top),
-             _relative(y2, h, top))
+        c = (
+            _relative(x1, w, top),
+            _relative(y1, h, top),
+            _relative(x2, w, top),
+            _relative(y2, h, top),
+        )
         ref = f"{ref_open}{label}{ref_close}" if label else ""
         return f"{ref}{box_open}({c[0]},{c[1]}),({c[2]},{c[3]}){box_close}"
     if family == "qwen2_5_vl":
         iw, ih = _input_size((w, h), input_size)
         c = (round(x1 * iw / w), round(y1 * ih / h), round(x2 * iw / w), round(y2 * ih / h))
     else:
-        c = (_relative(x1, w, RELATIVE), _relative(y1, h, RELATIVE),
-             _relative(x2, w, RELATIVE), _relative(y2, h, RELATIVE))
+        c = (
+            _relative(x1, w, RELATIVE),
+            _relative(y1, h, RELATIVE),
+            _relative(x2, w, RELATIVE),
+            _relative(y2, h, RELATIVE),
+        )
     return json.dumps({"bbox_2d": list(c), "label": label or ""}, ensure_ascii=False)
 
 
-def format_boxes(items: Iterable[tuple[str | None, Sequence[float]]], family: str,
-                 image_size: Sequence[int], *, input_size: Sequence[int] | None = None) -> str:
+def format_boxes(
+    items: Iterable[tuple[str | None, Sequence[float]]],
+    family: str,
+    image_size: Sequence[int],
+    *,
+    input_size: Sequence[int] | None = None,
+) -> str:
     """Several (label, box_px) as one answer: consecutive tags for qwen_vl / qwen2_vl (boxes
     with the same label after one reference), a ```json fenced list for the JSON families."""
     items = list(items)
     if family in _JSON:
-        objects = [format_box(label, box, family, image_size, input_size=input_size)
-                   for label, box in items]
+        objects = [
+            format_box(label, box, family, image_size, input_size=input_size)
+            for label, box in items
+        ]
         return "```json\n[\n\t" + ",\n\t".join(objects) + "\n]\n```"
     parts, previous = [], None
     for label, box in items:
         text = format_box(label, box, family, image_size)
         if label and label == previous:  # one reference, several boxes
-            text = text[text.index(_TAGS[family][2]):]
+            text = text[text.index(_TAGS[family][2]) :]
         parts.append(text)
         previous = label
     return "".join(parts)

@@ -59,12 +59,15 @@ def hf_class(family: str) -> type:
     """The transformers class of a family (for `from_pretrained` on a folder written here)."""
     import transformers
 
-    return getattr(transformers, {
-        "qwen2_vl": "Qwen2VLForConditionalGeneration",
-        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-        "qwen3_vl": "Qwen3VLForConditionalGeneration",
-        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-    }[family])
+    return getattr(
+        transformers,
+        {
+            "qwen2_vl": "Qwen2VLForConditionalGeneration",
+            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+            "qwen3_vl": "Qwen3VLForConditionalGeneration",
+            "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+        }[family],
+    )
 
 
 def _update_json(path: Path, updates: dict[str, Any]) -> None:
@@ -139,8 +142,11 @@ def v1_checkpoint(tmp_path_factory: Any) -> Path:
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(V1_FIXTURE / "materialize.py"), str(tmp)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(V1_FIXTURE / "materialize.py"), str(tmp)],
+            check=True,
+            capture_output=True,
+        )
         tmp.rename(folder)
     return folder
 

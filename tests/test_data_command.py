@@ -32,13 +32,24 @@ def _mixed_jsonl(folder):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
     bad = [
         "this is not json",
-        {"conversations": [{"from": "human", "value": "<image> hi"},
-                           {"from": "gpt", "value": "x"}], "image": "nowhere.png"},
-        {"conversations": [{"from": "human", "value": "<image> hi"},
-                           {"from": "gpt", "value": "x"}], "image": "broken.jpg"},
+        {
+            "conversations": [
+                {"from": "human", "value": "<image> hi"},
+                {"from": "gpt", "value": "x"},
+            ],
+            "image": "nowhere.png",
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "<image> hi"},
+                {"from": "gpt", "value": "x"},
+            ],
+            "image": "broken.jpg",
+        },
     ]
-    return write_jsonl(folder / "train.jsonl", conversations(8, seed=4)[:4] + bad
-                       + conversations(8, seed=4)[4:])
+    return write_jsonl(
+        folder / "train.jsonl", conversations(8, seed=4)[:4] + bad + conversations(8, seed=4)[4:]
+    )
 
 
 def test_convert_counts_and_exit_status(tmp_path, capsys):
@@ -51,8 +62,7 @@ def test_convert_counts_and_exit_status(tmp_path, capsys):
     assert meta["samples"] == 8
     assert meta["skipped"] == {"malformed": 1, "missing_media": 1, "corrupt_media": 1}
     assert [s["records"] for s in meta["shards"]] == [3, 3, 2]
-    assert sorted(p.name for p in dst.glob("*.array_record")) == [s["file"] for s in
-                                                                   meta["shards"]]
+    assert sorted(p.name for p in dst.glob("*.array_record")) == [s["file"] for s in meta["shards"]]
     # an existing output folder is refused in one line
     code, out, err = _run(capsys, str(src), str(dst))
     assert code == 2 and len(err) == 1 and "not empty" in err[0]
@@ -83,8 +93,9 @@ def test_shards_are_self_contained_and_give_the_jsonl_examples(tmp_path, capsys)
             continue
     assert len(expected) == 8
 
-    code, out, _ = _run(capsys, str(src), str(tmp_path / "shards"), "--model", str(folder),
-                        "--family", "qwen2_5_vl")
+    code, out, _ = _run(
+        capsys, str(src), str(tmp_path / "shards"), "--model", str(folder), "--family", "qwen2_5_vl"
+    )
     assert code == 0 and out[-1] == "samples 8, skipped 3"
     shutil.rmtree(tmp_path / "data")  # the shards must not need the original media
     shards = open_source(tmp_path / "shards")
@@ -96,11 +107,25 @@ def test_shards_are_self_contained_and_give_the_jsonl_examples(tmp_path, capsys)
         np.testing.assert_array_equal(got.target_mask, want.target_mask)
         if want.pixel_values is not None:
             np.testing.assert_array_equal(got.pixel_values, want.pixel_values)
-        assert record_meta(record.payload) == {"tokens": want.num_tokens,
-                                               "patches": want.num_patches, "images": 0}
+        assert record_meta(record.payload) == {
+            "tokens": want.num_tokens,
+            "patches": want.num_patches,
+            "images": 0,
+        }
 
-    it = make_train_iterator({"train": str(tmp_path / "shards"), "batch_size": 2, "seq_len": 256,
-                              "max_patches": 128, "num_epochs": 1}, processor, config, 0, 1)
+    it = make_train_iterator(
+        {
+            "train": str(tmp_path / "shards"),
+            "batch_size": 2,
+            "seq_len": 256,
+            "max_patches": 128,
+            "num_epochs": 1,
+        },
+        processor,
+        config,
+        0,
+        1,
+    )
     assert sum(1 for _ in it) >= 2
     assert it.stats.samples == 8 and it.stats.num_skipped == 0
     it.close()
@@ -109,7 +134,8 @@ def test_shards_are_self_contained_and_give_the_jsonl_examples(tmp_path, capsys)
 def test_model_family_mismatch_is_one_line(tmp_path, capsys):
     src = write_jsonl(tmp_path / "d.jsonl", conversations(2))
     folder = processor_folder("qwen2_vl", tmp_path / "ckpt")
-    code, out, err = _run(capsys, str(src), str(tmp_path / "o"), "--model", str(folder),
-                          "--family", "qwen3_vl")
+    code, out, err = _run(
+        capsys, str(src), str(tmp_path / "o"), "--model", str(folder), "--family", "qwen3_vl"
+    )
     assert code == 2 and len(err) == 1 and "does not match" in err[0]
     assert np.all([not p.name.startswith(".o") for p in tmp_path.iterdir()])

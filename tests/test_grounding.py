@@ -18,31 +18,40 @@ def test_qwen_vl_boxes_map_like_the_original_drawing_code():
 
 
 def test_qwen_vl_several_boxes_one_ref_and_unnamed_boxes():
-    text = ("Two <ref>cups</ref><box>(0,0),(500,500)</box><box>(500, 500),(999,999)</box> and "
-            "something at <box>(100,100),(200,200)</box>.")
+    text = (
+        "Two <ref>cups</ref><box>(0,0),(500,500)</box><box>(500, 500),(999,999)</box> and "
+        "something at <box>(100,100),(200,200)</box>."
+    )
     boxes = parse_boxes(text, "qwen_vl", (1000, 2000))
-    assert boxes == [("cups", (0, 0, 500, 1000)), ("cups", (500, 1000, 999, 1998)),
-                     ("", (100, 200, 200, 400))]
+    assert boxes == [
+        ("cups", (0, 0, 500, 1000)),
+        ("cups", (500, 1000, 999, 1998)),
+        ("", (100, 200, 200, 400)),
+    ]
     assert parse_boxes("no boxes here <ref>x</ref>", "qwen_vl", (10, 10)) == []
 
 
 def test_qwen2_vl_tags():
-    text = ("<|object_ref_start|>dog<|object_ref_end|><|box_start|>(10,20),(30,40)"
-            "<|box_end|>")
+    text = "<|object_ref_start|>dog<|object_ref_end|><|box_start|>(10,20),(30,40)<|box_end|>"
     assert parse_boxes(text, "qwen2_vl", (1000, 1000)) == [("dog", (10, 20, 30, 40))]
     assert parse_boxes(text, "qwen_vl", (1000, 1000)) == []
 
 
 def test_qwen2_5_vl_absolute_json_in_the_model_input_size():
-    text = ('Here:\n```json\n[\n\t{"bbox_2d": [28, 56, 280, 140], "label": "cup"},\n'
-            '\t{"bbox_2d": [0, 0, 14, 14], "label": "spoon"}\n]\n```')
+    text = (
+        'Here:\n```json\n[\n\t{"bbox_2d": [28, 56, 280, 140], "label": "cup"},\n'
+        '\t{"bbox_2d": [0, 0, 14, 14], "label": "spoon"}\n]\n```'
+    )
     # the model saw a 560 x 280 input for a 1120 x 560 picture
     assert parse_boxes(text, "qwen2_5_vl", (1120, 560), input_size=(560, 280)) == [
-        ("cup", (56, 112, 560, 280)), ("spoon", (0, 0, 28, 28))]
+        ("cup", (56, 112, 560, 280)),
+        ("spoon", (0, 0, 28, 28)),
+    ]
     h, w = smart_resize(1000, 1500, factor=28, min_pixels=3136, max_pixels=12845056)
     x = round(700 * 1500 / w)
-    assert parse_boxes('[{"bbox_2d": [700, 0, 700, 0], "label": "a"}]', "qwen2_5_vl",
-                       (1500, 1000)) == [("a", (x, 0, x, 0))]
+    assert parse_boxes(
+        '[{"bbox_2d": [700, 0, 700, 0], "label": "a"}]', "qwen2_5_vl", (1500, 1000)
+    ) == [("a", (x, 0, x, 0))]
 
 
 def test_qwen3_vl_relative_json_and_truncated_output():
@@ -50,7 +59,8 @@ def test_qwen3_vl_relative_json_and_truncated_output():
     for family in ("qwen3_vl", "qwen3_vl_moe"):
         assert parse_boxes(text, family, (2000, 1000)) == [("car", (200, 200, 1000, 1000))]
     assert parse_boxes('{"bbox_2d": [0, 0, 10, 10]}', "qwen3_vl", (100, 100)) == [
-        ("", (0, 0, 1, 1))]
+        ("", (0, 0, 1, 1))
+    ]
     assert parse_boxes("I see nothing.", "qwen3_vl", (100, 100)) == []
 
 
@@ -68,13 +78,16 @@ def test_format_then_parse_round_trips(family):
 def test_format_box_layouts():
     size = (1000, 500)
     assert format_box("cat", (120, 16.5, 560, 500), "qwen_vl", size) == (
-        "<ref>cat</ref><box>(120,33),(560,999)</box>")
+        "<ref>cat</ref><box>(120,33),(560,999)</box>"
+    )
     assert format_box(None, (0, 0, 10, 10), "qwen_vl", size) == "<box>(0,0),(10,20)</box>"
     assert json.loads(format_box("cat", (0, 0, 1000, 500), "qwen3_vl", size)) == {
-        "bbox_2d": [0, 0, 1000, 1000], "label": "cat"}
-    assert json.loads(format_box("猫", (10, 10, 20, 20), "qwen2_5_vl", size,
-                                 input_size=(2000, 1000))) == {
-        "bbox_2d": [20, 20, 40, 40], "label": "猫"}
+        "bbox_2d": [0, 0, 1000, 1000],
+        "label": "cat",
+    }
+    assert json.loads(
+        format_box("猫", (10, 10, 20, 20), "qwen2_5_vl", size, input_size=(2000, 1000))
+    ) == {"bbox_2d": [20, 20, 40, 40], "label": "猫"}
 
 
 def test_format_boxes_groups_and_lists():
@@ -82,10 +95,12 @@ def test_format_boxes_groups_and_lists():
     items = [("cup", (0, 0, 10, 10)), ("cup", (20, 20, 30, 30)), ("plate", (1, 2, 3, 4))]
     assert format_boxes(items, "qwen_vl", size) == (
         "<ref>cup</ref><box>(0,0),(10,10)</box><box>(20,20),(30,30)</box>"
-        "<ref>plate</ref><box>(1,2),(3,4)</box>")
+        "<ref>plate</ref><box>(1,2),(3,4)</box>"
+    )
     for family in ("qwen_vl", "qwen2_vl", "qwen3_vl"):
         assert parse_boxes(format_boxes(items, family, size), family, size) == [
-            (label, tuple(box)) for label, box in items]
+            (label, tuple(box)) for label, box in items
+        ]
 
 
 def test_bad_arguments():

@@ -34,8 +34,11 @@ from tests.checkpoints import v1_checkpoint
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE = SHARED / "fixtures" / "qwen_vl_v1_tiny"
 REAL = SHARED / "reference_configs" / "Qwen__Qwen-VL-Chat"
-SCENARIOS = (json.loads((FIXTURE / "expected" / "scenarios.json").read_text())["scenarios"]
-             if FIXTURE.is_dir() else [])  # without it the module skips (pytestmark)
+SCENARIOS = (
+    json.loads((FIXTURE / "expected" / "scenarios.json").read_text())["scenarios"]
+    if FIXTURE.is_dir()
+    else []
+)  # without it the module skips (pytestmark)
 NAMES = [s["name"] for s in SCENARIOS]
 GREEDY = 24
 CACHE_LEN = 384  # every scenario's prompt + 24 new tokens fits: one compiled decode step
@@ -80,8 +83,9 @@ def in_fixture(monkeypatch):
 def _prefill(state, ids, seg, pos, vision, *, graphdef, alpha):
     model = nnx.merge(graphdef, state)
     cache = KVCache.empty(model.config.text, ids.shape[0], CACHE_LEN, jnp.float32)
-    logits, cache, _ = model.forward(ids, seg, pos, vision, cache=cache, cache_index=0,
-                                     ntk_alpha=alpha)
+    logits, cache, _ = model.forward(
+        ids, seg, pos, vision, cache=cache, cache_index=0, ntk_alpha=alpha
+    )
     values, top = jax.lax.top_k(logits, 16)
     return logits[:, -4:], values, top, jnp.argmax(logits[:, -1], axis=-1), cache
 
@@ -89,15 +93,24 @@ def _prefill(state, ids, seg, pos, vision, *, graphdef, alpha):
 def _decode(state, cache, token, slot, *, graphdef, alpha):
     model = nnx.merge(graphdef, state)
     pos = jnp.broadcast_to(slot, (3, 1, 1))
-    logits, cache, _ = model.forward(token.reshape(1, 1), jnp.ones((1, 1), jnp.int32), pos, None,
-                                     cache=cache, cache_index=slot, ntk_alpha=alpha)
+    logits, cache, _ = model.forward(
+        token.reshape(1, 1),
+        jnp.ones((1, 1), jnp.int32),
+        pos,
+        None,
+        cache=cache,
+        cache_index=slot,
+        ntk_alpha=alpha,
+    )
     return jnp.argmax(logits[0, -1]), cache
 
 
 @functools.cache
 def _programs(graphdef, alpha: float):
-    return (jax.jit(functools.partial(_prefill, graphdef=graphdef, alpha=alpha)),
-            jax.jit(functools.partial(_decode, graphdef=graphdef, alpha=alpha), donate_argnums=1))
+    return (
+        jax.jit(functools.partial(_prefill, graphdef=graphdef, alpha=alpha)),
+        jax.jit(functools.partial(_decode, graphdef=graphdef, alpha=alpha), donate_argnums=1),
+    )
 
 
 def run_fixture_prompt(model, input_ids, pixel_values):
@@ -107,13 +120,15 @@ def run_fixture_prompt(model, input_ids, pixel_values):
     graphdef, state = nnx.split(model)
     prefill, decode = _programs(graphdef, x.ntk_alpha)
     with jax.default_matmul_precision("highest"):
-        last4, values, top, token, cache = prefill(state, x.input_ids, x.segment_ids,
-                                                   x.position_ids, x.vision)
+        last4, values, top, token, cache = prefill(
+            state, x.input_ids, x.segment_ids, x.position_ids, x.vision
+        )
         tokens = [int(token[0])]
         T = x.input_ids.shape[1]
         for step in range(GREEDY - 1):
-            token, cache = decode(state, cache, jnp.asarray(tokens[-1], jnp.int32),
-                                  jnp.asarray(T + step, jnp.int32))
+            token, cache = decode(
+                state, cache, jnp.asarray(tokens[-1], jnp.int32), jnp.asarray(T + step, jnp.int32)
+            )
             tokens.append(int(token))
     return np.asarray(last4)[0], np.asarray(values)[0], np.asarray(top)[0], tokens
 
@@ -130,7 +145,8 @@ def assert_top16(ids, values, expected_ids, expected_values, tol):
             if b == 16 and b - a > 1:
                 continue
             assert sorted(ids[t, a:b]) == sorted(expected_ids[t, a:b]), (
-                f"position {t}, ranks {a}..{b - 1}: {ids[t]} vs {expected_ids[t]}")
+                f"position {t}, ranks {a}..{b - 1}: {ids[t]} vs {expected_ids[t]}"
+            )
 
 
 # ------------------------------------------------------------------------- parity
@@ -141,8 +157,10 @@ def test_fixture_logits_top16_and_greedy(model, name):
     s, d = scenario(name)
     last4, values, top, greedy = run_fixture_prompt(model, d["input_ids"], d.get("pixel_values"))
     tol = tolerance(d["logits_last4"])
-    assert s["ntk_alpha"] == model.prepare(d["input_ids"], pixel_values=d.get("pixel_values")
-                                           ).ntk_alpha
+    assert (
+        s["ntk_alpha"]
+        == model.prepare(d["input_ids"], pixel_values=d.get("pixel_values")).ntk_alpha
+    )
     np.testing.assert_allclose(last4, d["logits_last4"], rtol=0, atol=tol)
     assert_top16(top, values, d["top16_ids"], d["top16_values"], tol)
     assert greedy == d["greedy_ids"].tolist() == s["greedy"]["token_ids"]
@@ -154,8 +172,9 @@ def test_fixture_image_embeddings(model):
         _, d = scenario(name)
         with jax.default_matmul_precision("highest"):
             out = np.asarray(visual(nnx.split(model), d["pixel_values"]))
-        np.testing.assert_allclose(out, d["image_embeds"], rtol=0,
-                                   atol=tolerance(d["image_embeds"]))
+        np.testing.assert_allclose(
+            out, d["image_embeds"], rtol=0, atol=tolerance(d["image_embeds"])
+        )
 
 
 def test_call_with_processor_outputs_matches_fixture(model, processor, in_fixture):
@@ -164,8 +183,9 @@ def test_call_with_processor_outputs_matches_fixture(model, processor, in_fixtur
     inputs = processor(s["messages"])
     with jax.default_matmul_precision("highest"):
         logits = np.asarray(model(**inputs)[:, -4:])
-    np.testing.assert_allclose(logits[0], d["logits_last4"], rtol=0,
-                               atol=tolerance(d["logits_last4"]))
+    np.testing.assert_allclose(
+        logits[0], d["logits_last4"], rtol=0, atol=tolerance(d["logits_last4"])
+    )
 
 
 def test_padding_columns_do_not_move_positions(model):
@@ -192,8 +212,9 @@ def test_generate_reproduces_greedy_continuation(model, processor, in_fixture):
     assert out.token_ids == d["greedy_ids"].tolist()
 
 
-def _reference_decoder(w: dict, ids: np.ndarray, alpha: float, logn_on: bool = True,
-                       keep: int = 4) -> np.ndarray:
+def _reference_decoder(
+    w: dict, ids: np.ndarray, alpha: float, logn_on: bool = True, keep: int = 4
+) -> np.ndarray:
     """The Qwen-7B decoder of QWEN_VL_V1.md section 5 in torch float32, text only: slot positions,
     rotary base 10000 * alpha^(hd/(hd-2)), logn scaling past 2048, last `keep` logits.
     w: the checkpoint's LLM tensors as float32 torch tensors."""
@@ -240,14 +261,20 @@ def test_long_prompt_dynamic_ntk_and_logn(model, checkpoint):
     ids = np.random.default_rng(2).integers(0, 151643, size=(1, 3000))
     x = model.prepare(ids)
     assert x.ntk_alpha == 3.0
-    fn = jax.jit(lambda state, a, b, c: nnx.merge(*state).forward(
-        a, b, c, ntk_alpha=3.0, logits_to_keep=4)[0])
+    fn = jax.jit(
+        lambda state, a, b, c: nnx.merge(*state).forward(a, b, c, ntk_alpha=3.0, logits_to_keep=4)[
+            0
+        ]
+    )
     with jax.default_matmul_precision("highest"):
         ours = np.asarray(fn(nnx.split(model), x.input_ids, x.segment_ids, x.position_ids))[0]
     torch = pytest.importorskip("torch")
     with open_checkpoint(checkpoint) as reader:
-        w = {k: torch.from_numpy(reader.get(k).astype(np.float32)) for k in reader
-             if not k.startswith("transformer.visual")}
+        w = {
+            k: torch.from_numpy(reader.get(k).astype(np.float32))
+            for k in reader
+            if not k.startswith("transformer.visual")
+        }
     expected = _reference_decoder(w, ids, 3.0)
     tol = tolerance(expected)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=tol)
@@ -300,8 +327,7 @@ def _torch_resize(table: np.ndarray, size: int) -> np.ndarray:
     torch = pytest.importorskip("torch")
     src = int(np.sqrt(table.shape[0]))
     t = torch.from_numpy(np.asarray(table, np.float32)).reshape(1, src, src, -1).permute(0, 3, 1, 2)
-    out = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic",
-                                          align_corners=False)
+    out = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic", align_corners=False)
     return out.permute(0, 2, 3, 1).reshape(size * size, -1).numpy()
 
 
@@ -309,14 +335,20 @@ def test_bicubic_resize_is_bit_exact_with_torch(checkpoint):
     rng = np.random.default_rng(0)
     reader = open_checkpoint(checkpoint)
     tables = [rng.standard_normal((256, 96)).astype(np.float32) * s for s in (1.0, 0.02, 30.0)]
-    tables += [reader.get(k).astype(np.float32) for k in (
-        "transformer.visual.positional_embedding", "transformer.visual.attn_pool.pos_embed")]
+    tables += [
+        reader.get(k).astype(np.float32)
+        for k in (
+            "transformer.visual.positional_embedding",
+            "transformer.visual.attn_pool.pos_embed",
+        )
+    ]
     jitted = jax.jit(lambda t: bicubic_resize(t, 1024))
     for table in tables:
         assert np.array_equal(np.asarray(jitted(jnp.asarray(table))), _torch_resize(table, 32))
     small = tables[0][:, :8]  # op by op too: the emulation does not rely on XLA's fusion
-    assert np.array_equal(np.asarray(bicubic_resize(jnp.asarray(small), 1024)),
-                          _torch_resize(small, 32))
+    assert np.array_equal(
+        np.asarray(bicubic_resize(jnp.asarray(small), 1024)), _torch_resize(small, 32)
+    )
     np.testing.assert_array_equal(np.asarray(bicubic_resize(jnp.asarray(small), 256)), small)
 
 
@@ -343,20 +375,42 @@ def test_config_from_spec_and_presets():
     cfg = from_hf(json.loads((REAL / "config.json").read_text()))
     t, v = cfg.text, cfg.vision
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.head_dim) == (
-        4096, 32, 32, 128)
+        4096,
+        32,
+        32,
+        128,
+    )
     assert (t.intermediate_size, t.vocab_size, t.rope_theta, t.seq_length) == (
-        11008, 151936, 10000.0, 2048)
+        11008,
+        151936,
+        10000.0,
+        2048,
+    )
     assert t.attention_bias and t.use_dynamic_ntk and t.use_logn_attn
     assert not t.tie_word_embeddings and not t.rope_in_activation_dtype and not t.softmax_in_fp32
     assert t.mrope_section == (64, 0, 0)
     assert (v.width, v.layers, v.heads, v.mlp_width, v.output_dim, v.n_queries) == (
-        1664, 48, 16, 8192, 4096, 256)
+        1664,
+        48,
+        16,
+        8192,
+        4096,
+        256,
+    )
     assert (v.image_size, v.patch_size, v.grid, v.layer_norm_eps) == (448, 14, 32, 1e-6)
     assert (cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id) == (
-        151857, 151858, 151859)
+        151857,
+        151858,
+        151859,
+    )
     assert load_config("qwen_vl_chat") == cfg
-    assert load_config("qwen_vl") == from_hf(json.loads(
-        (SHARED / "reference_configs" / "Qwen__Qwen-VL" / "config.json").read_text())) == cfg
+    assert (
+        load_config("qwen_vl")
+        == from_hf(
+            json.loads((SHARED / "reference_configs" / "Qwen__Qwen-VL" / "config.json").read_text())
+        )
+        == cfg
+    )
     tiny = load_config(FIXTURE)
     assert (tiny.text.intermediate_size, tiny.vision.mlp_width) == (192, 315)
 
@@ -404,10 +458,12 @@ def test_mapping_rejects_unknown_and_misshapen_tensors(model):
     with pytest.raises(CheckpointError, match="does not fit"):
         mapping.import_tensor("transformer.visual.proj", np.zeros((3, 3)), shapes.get)
     q, k, v = (np.full((128, 128), i, np.float32) for i in range(3))
-    parts = mapping.import_tensor("transformer.h.1.attn.c_attn.weight",
-                                  np.concatenate([q, k, v]), shapes.get)
-    assert [p for p, _ in parts] == [f"language_model.layers.1.self_attn.{n}_proj.kernel"
-                                     for n in "qkv"]
+    parts = mapping.import_tensor(
+        "transformer.h.1.attn.c_attn.weight", np.concatenate([q, k, v]), shapes.get
+    )
+    assert [p for p, _ in parts] == [
+        f"language_model.layers.1.self_attn.{n}_proj.kernel" for n in "qkv"
+    ]
     assert [int(a[0, 0]) for _, a in parts] == [0, 1, 2]
 
 
@@ -426,8 +482,9 @@ def test_orbax_round_trip_is_bit_identical(checkpoint, tmp_path):
     restored = params_as_numpy(qj.from_pretrained(orbax, dtype="bfloat16"))
     loaded = params_as_numpy(qj.from_pretrained(checkpoint, dtype="bfloat16"))
     assert restored.keys() == loaded.keys()
-    assert all(np.array_equal(restored[k].view(np.uint16), loaded[k].view(np.uint16))
-               for k in loaded)
+    assert all(
+        np.array_equal(restored[k].view(np.uint16), loaded[k].view(np.uint16)) for k in loaded
+    )
 
 
 # ------------------------------------------------------------------------- processor
@@ -456,14 +513,47 @@ def test_processor_reproduces_fixture_inputs(processor, in_fixture, name):
 
 def test_processor_special_ids_and_boxes(processor):
     tok = processor.tokenizer
-    ids = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                                           "<|extra_204|>", "<ref>", "</box>", "<img>", "<imgpad>")}
+    ids = {
+        t: tok.token_to_id(t)
+        for t in (
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|extra_204|>",
+            "<ref>",
+            "</box>",
+            "<img>",
+            "<imgpad>",
+        )
+    }
     assert list(ids.values()) == [151643, 151644, 151645, 151850, 151851, 151854, 151857, 151859]
     assert tok.vocab_size == 151860
     box = "<ref>the cat</ref><box>(120,33),(560,999)</box>"
     ids = processor.encode(box)
-    assert ids == [151851, 1782, 8251, 151852, 151853, 7, 16, 17, 15, 11, 18, 18, 23547, 20, 21,
-                   15, 11, 24, 24, 24, 8, 151854]
+    assert ids == [
+        151851,
+        1782,
+        8251,
+        151852,
+        151853,
+        7,
+        16,
+        17,
+        15,
+        11,
+        18,
+        18,
+        23547,
+        20,
+        21,
+        15,
+        11,
+        24,
+        24,
+        24,
+        8,
+        151854,
+    ]
     assert processor.decode(ids) == "the cat(120,33),(560,999)"
     assert processor.decode(ids, keep_box_tags=True) == box
     assert processor.decode(ids + [151645, 151935]) == "the cat(120,33),(560,999)"
@@ -490,25 +580,34 @@ def test_processor_history_system_images_and_batch(processor, checkpoint, tmp_pa
     PIL.Image.fromarray(image).save(path)
     chat = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "image", "image": str(path)},
-                                     {"type": "text", "text": "Colour?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "Colour?"}],
+        },
         {"role": "assistant", "content": "Red."},
-        {"role": "user", "content": [{"type": "image", "image": image},
-                                     {"type": "text", "text": "And this one?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": image},
+                {"type": "text", "text": "And this one?"},
+            ],
+        },
     ]
     text = processor.apply_chat_template(chat)
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nPicture 1: "
         f"<img>{path}</img>\nColour?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
         "<|im_start|>user\nPicture 2: <img>image2.png</img>\nAnd this one?<|im_end|>\n"
-        "<|im_start|>assistant\n")
+        "<|im_start|>assistant\n"
+    )
     out = processor([chat, chat[-1:]], padding_side="left")
     assert out["pixel_values"].shape == (3, 3, 448, 448)
     np.testing.assert_array_equal(out["pixel_values"][0], out["pixel_values"][1])
     assert out["input_ids"].shape[0] == 2 and out["attention_mask"][1, 0] == 0
     row = out["input_ids"][1][out["attention_mask"][1] == 1]
     assert processor.decode(row, skip_special_tokens=False) == processor.apply_chat_template(
-        chat[-1:])
+        chat[-1:]
+    )
     # the history window drops the oldest turns first and always keeps the question
     small = QwenVLProcessor(processor.tokenizer, max_window_size=200)
     kept = small.apply_chat_template(chat)

@@ -20,13 +20,15 @@ from qwenvl_jax.train.synthetic import SyntheticBatches
 
 
 def host_params(state: nnx.State) -> dict[str, np.ndarray]:
-    return {path_str(p): np.asarray(jax.device_get(v.get_value()))
-            for p, v in nnx.to_flat_state(state)}
+    return {
+        path_str(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state)
+    }
 
 
 def _as_state(flat: dict[str, np.ndarray], like: nnx.State) -> nnx.State:
-    return nnx.from_flat_state([(p, v.replace(jnp.asarray(flat[path_str(p)])))
-                                for p, v in nnx.to_flat_state(like)])
+    return nnx.from_flat_state(
+        [(p, v.replace(jnp.asarray(flat[path_str(p)]))) for p, v in nnx.to_flat_state(like)]
+    )
 
 
 def test_gradient_accumulation_applies_the_mean_gradient_every_k_calls():
@@ -36,9 +38,19 @@ def test_gradient_accumulation_applies_the_mean_gradient_every_k_calls():
     b1, b2 = next(data), next(data)
     # eps = 1e-3 keeps Adam's update a smooth function of the gradient (with 1e-8 it is nearly
     # sign(g) for tiny g, and the last-bit differences between two compiles would show)
-    tc = from_dict({"freeze": [[".*", "train"]], "learning_rate": 1e-2, "warmup_steps": 0,
-                    "steps": 10, "batch_size": 2, "seq_len": 64, "grad_accum": 2,
-                    "weight_decay": 0.1, "eps": 1e-3})
+    tc = from_dict(
+        {
+            "freeze": [[".*", "train"]],
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+            "steps": 10,
+            "batch_size": 2,
+            "seq_len": 64,
+            "grad_accum": 2,
+            "weight_decay": 0.1,
+            "eps": 1e-3,
+        }
+    )
     trainer = Trainer(build_model(cfg, mesh=mesh), tc, mesh)
     p0 = host_params(trainer._initial_params)
     grad = jax.jit(jax.grad(lambda p, f, b: trainer.loss(p, f, b)[0]))
@@ -53,8 +65,9 @@ def test_gradient_accumulation_applies_the_mean_gradient_every_k_calls():
     start = _as_state(p0, state["params"])
     tx = make_optimizer(tc.replace(grad_accum=1), start)
     mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
-    expected = host_params(jax.jit(
-        lambda g, p: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))(mean, start))
+    expected = host_params(
+        jax.jit(lambda g, p: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))(mean, start)
+    )
     got = host_params(state["params"])
     for k in got:
         np.testing.assert_allclose(got[k], expected[k], rtol=1e-6, atol=1e-7, err_msg=k)

@@ -26,10 +26,20 @@ def dataset(tmp_path_factory):
     for i in range(6):
         pixels = rng.integers(0, 255, (56 + 28 * (i % 2), 84, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"img{i}.png")
-        lines.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": f"img{i}.png"},
-                                         {"type": "text", "text": f"What is shape {i}?"}]},
-            {"role": "assistant", "content": f"It is shape number {i}."}]})
+        lines.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": f"img{i}.png"},
+                            {"type": "text", "text": f"What is shape {i}?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": f"It is shape number {i}."},
+                ]
+            }
+        )
     (folder / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return folder / "train.jsonl"
 
@@ -38,16 +48,38 @@ def params(model) -> dict:
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-RUN = ["batch_size=2", "seq_len=128", "dtype=float32", "remat=none", "data.max_patches=128",
-       "data.read_threads=1", "checkpoint_every=2", "--no-progress"]
+RUN = [
+    "batch_size=2",
+    "seq_len=128",
+    "dtype=float32",
+    "remat=none",
+    "data.max_patches=128",
+    "data.read_threads=1",
+    "checkpoint_every=2",
+    "--no-progress",
+]
 
 
 def test_train_on_jsonl_then_start_the_next_stage(tmp_path, tmp_path_factory, dataset):
     ckpt = session_checkpoint("qwen2_vl", tmp_path_factory)
     run1, run2 = tmp_path / "stage1", tmp_path / "stage2"
-    assert main(["train", "--workdir", str(run1), f"model={ckpt}", "stage=1",
-                 f"data.train={dataset}", "steps=3", "learning_rate=1e-3", "warmup_steps=1",
-                 *RUN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--workdir",
+                str(run1),
+                f"model={ckpt}",
+                "stage=1",
+                f"data.train={dataset}",
+                "steps=3",
+                "learning_rate=1e-3",
+                "warmup_steps=1",
+                *RUN,
+            ]
+        )
+        == 0
+    )
     records = [json.loads(x) for x in (run1 / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
@@ -61,17 +93,33 @@ def test_train_on_jsonl_then_start_the_next_stage(tmp_path, tmp_path_factory, da
     assert sorted(p.name for p in (run1 / "checkpoints").iterdir()) == ["2", "3"]
 
     # started again with more steps, it resumes at step 3 with the data pipeline's state
-    assert main(["train", "--workdir", str(run1), f"model={ckpt}", "stage=1",
-                 f"data.train={dataset}", "steps=4", "learning_rate=1e-3", "warmup_steps=1",
-                 *RUN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--workdir",
+                str(run1),
+                f"model={ckpt}",
+                "stage=1",
+                f"data.train={dataset}",
+                "steps=4",
+                "learning_rate=1e-3",
+                "warmup_steps=1",
+                *RUN,
+            ]
+        )
+        == 0
+    )
     resumed = [json.loads(x) for x in (run1 / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert resumed[:3] == records
     assert sorted(p.name for p in (run1 / "checkpoints").iterdir()) == ["2", "3", "4"]
 
     # WORKDIR/model: the LLM as it came (stage 1 freezes it), the ViT trained
-    source, trained = params(qj.from_pretrained(ckpt, "float32")), params(
-        qj.from_pretrained(run1 / "model", "float32"))
+    source, trained = (
+        params(qj.from_pretrained(ckpt, "float32")),
+        params(qj.from_pretrained(run1 / "model", "float32")),
+    )
     assert set(source) == set(trained)
     for path in source:
         name = ".".join(map(str, path))
@@ -81,7 +129,21 @@ def test_train_on_jsonl_then_start_the_next_stage(tmp_path, tmp_path_factory, da
         assert (run1 / "model" / name).read_bytes() == (ckpt / name).read_bytes()
 
     # stage 2 from stage 1's WORKDIR: with a zero learning rate its weights are stage 1's
-    assert main(["train", "--workdir", str(run2), f"model={run1}", "stage=2",
-                 f"data.train={dataset}", "steps=1", "learning_rate=0", *RUN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--workdir",
+                str(run2),
+                f"model={run1}",
+                "stage=2",
+                f"data.train={dataset}",
+                "steps=1",
+                "learning_rate=0",
+                *RUN,
+            ]
+        )
+        == 0
+    )
     restarted = params(qj.from_pretrained(run2 / "model", "float32"))
     assert all(restarted[p].tobytes() == trained[p].tobytes() for p in trained)

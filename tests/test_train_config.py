@@ -30,31 +30,48 @@ from qwenvl_jax.train.optim import decay_mask, learning_rate_schedule, lr_factor
 
 
 def test_overrides_are_dotted_and_typed():
-    over = parse_overrides(["steps=7", "learning_rate=1e-4", "mesh.fsdp=2", "data.train=x.jsonl",
-                            "scan_layers=true", "model=tiny_qwen2_vl"])
-    assert over == {"steps": 7, "learning_rate": "1e-4", "mesh": {"fsdp": 2},
-                    "data": {"train": "x.jsonl"}, "scan_layers": True, "model": "tiny_qwen2_vl"}
+    over = parse_overrides(
+        [
+            "steps=7",
+            "learning_rate=1e-4",
+            "mesh.fsdp=2",
+            "data.train=x.jsonl",
+            "scan_layers=true",
+            "model=tiny_qwen2_vl",
+        ]
+    )
+    assert over == {
+        "steps": 7,
+        "learning_rate": "1e-4",
+        "mesh": {"fsdp": 2},
+        "data": {"train": "x.jsonl"},
+        "scan_layers": True,
+        "model": "tiny_qwen2_vl",
+    }
     cfg = from_dict(over)
     assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
     assert cfg.mesh.fsdp == 2 and cfg.mesh.data == -1
     assert cfg.scan_layers is True and cfg.steps == 7
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["steps"], "expected KEY=VALUE"),
-    (["stepz=3"], "unknown training config key 'stepz'"),
-    (["steps=ten"], "steps: expected int"),
-    (["steps=0"], "steps must be > 0"),
-    (["stage=4"], "stage must be 1, 2 or 3"),
-    (["remat=sometimes"], "remat must be one of"),
-    (["mesh.pods=2"], "unknown mesh axis 'pods'"),
-    (["freeze=[['(', 'train']]"], "bad regex"),
-    (["freeze=[['.*', 'thaw']]"], "must be train or freeze"),
-    (["lr_scale=[['visual.*', 0]]"], "lr_scale: factor of 'visual.*' must be > 0"),
-    (["lr_scale=[['visual.*', 'slow']]"], "lr_scale: factor of 'visual.*' must be a number"),
-    (["lr_scale=[['(', 0.1]]"], "lr_scale: bad regex"),
-    (["lr_scale=[['visual.*']]"], "lr_scale: bad row"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["steps"], "expected KEY=VALUE"),
+        (["stepz=3"], "unknown training config key 'stepz'"),
+        (["steps=ten"], "steps: expected int"),
+        (["steps=0"], "steps must be > 0"),
+        (["stage=4"], "stage must be 1, 2 or 3"),
+        (["remat=sometimes"], "remat must be one of"),
+        (["mesh.pods=2"], "unknown mesh axis 'pods'"),
+        (["freeze=[['(', 'train']]"], "bad regex"),
+        (["freeze=[['.*', 'thaw']]"], "must be train or freeze"),
+        (["lr_scale=[['visual.*', 0]]"], "lr_scale: factor of 'visual.*' must be > 0"),
+        (["lr_scale=[['visual.*', 'slow']]"], "lr_scale: factor of 'visual.*' must be a number"),
+        (["lr_scale=[['(', 0.1]]"], "lr_scale: bad regex"),
+        (["lr_scale=[['visual.*']]"], "lr_scale: bad row"),
+    ],
+)
 def test_bad_settings_fail_in_one_line(bad, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as e:
         load_train_config(None, ["model=tiny_qwen2_vl", *bad])
@@ -64,8 +81,9 @@ def test_bad_settings_fail_in_one_line(bad, message):
 def test_stage_config_picked_by_model_and_stage_and_overridden():
     cfg = load_train_config(None, ["model=tiny_qwen3_vl", "stage=3", "learning_rate=0.5"])
     assert cfg.stage == 3 and cfg.learning_rate == 0.5
-    assert cfg.freeze == tuple(tuple(r) for r in read_file(stage_config_path("qwen3_vl", 3))
-                               ["freeze"])
+    assert cfg.freeze == tuple(
+        tuple(r) for r in read_file(stage_config_path("qwen3_vl", 3))["freeze"]
+    )
     assert cfg.data["loss_on"] == "assistant"
 
 
@@ -101,8 +119,10 @@ def _is_adapter(family: str, path: str) -> bool:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stage_tables_freeze_the_right_parts(family):
     paths = _tiny_paths(family)
-    masks = {s: trainable_mask(paths, read_file(stage_config_path(family, s))["freeze"])
-             for s in (1, 2, 3)}
+    masks = {
+        s: trainable_mask(paths, read_file(stage_config_path(family, s))["freeze"])
+        for s in (1, 2, 3)
+    }
     fixed = "visual.attn_pool.pos_embed"  # Qwen-VL v1's sin-cos table never trains
     paths = [p for p in paths if p != fixed]
     vit = [p for p in paths if p.startswith("visual.") and not _is_adapter(family, p)]
@@ -124,12 +144,15 @@ def test_freeze_table_must_be_complete_and_used():
     with pytest.raises(ConfigError, match="matches no parameter"):
         trainable_mask(paths, [(r"vision\..*", "train"), (".*", "freeze")])
     assert trainable_mask(paths, [(r"visual\..*", "freeze"), (".*", "train")]) == {
-        "visual.a.kernel": False, "language_model.b.kernel": True}
+        "visual.a.kernel": False,
+        "language_model.b.kernel": True,
+    }
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    cfg = from_dict({"learning_rate": 1e-3, "warmup_steps": 10, "steps": 110,
-                     "end_learning_rate_ratio": 0.1})
+    cfg = from_dict(
+        {"learning_rate": 1e-3, "warmup_steps": 10, "steps": 110, "end_learning_rate_ratio": 0.1}
+    )
     lr = learning_rate_schedule(cfg)
     assert float(lr(0)) == 0.0
     assert math.isclose(float(lr(5)), 5e-4, rel_tol=1e-6)
@@ -143,8 +166,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_weight_decay_skips_norms_and_biases():
     model = build_model(load_config("tiny_qwen2_vl"), abstract=True)
     state = nnx.state(model, nnx.Param)
-    mask = {".".join(map(str, p)): v.get_value()
-            for p, v in nnx.to_flat_state(decay_mask(state, (r".*embed_tokens.*",)))}
+    mask = {
+        ".".join(map(str, p)): v.get_value()
+        for p, v in nnx.to_flat_state(decay_mask(state, (r".*embed_tokens.*",)))
+    }
     assert mask["language_model.layers.0.self_attn.q_proj.kernel"]
     assert mask["visual.blocks.0.mlp.fc1.kernel"]
     assert not mask["language_model.layers.0.self_attn.q_proj.bias"]
@@ -163,16 +188,22 @@ def test_lr_scale_multiplies_the_update_of_matching_parameters():
     of it for the parameters it matches first, and leaves the others as they are."""
     state = nnx.state(build_model(load_config("tiny_qwen_vl"), seed=0), nnx.Param)
     table = [[r"visual\.attn_pool\..*", 1.0], [r"visual\..*", 0.25]]
-    base = {"learning_rate": 1e-2, "warmup_steps": 0, "steps": 10, "weight_decay": 0.1,
-            "clip_norm": 0.0}
+    base = {
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "steps": 10,
+        "weight_decay": 0.1,
+        "clip_norm": 0.0,
+    }
     plain = make_optimizer(from_dict(base), state)
     scaled = make_optimizer(from_dict({**base, "lr_scale": table}), state)
     grads = jax.tree.map(lambda x: np.full(x.shape, 0.5, x.dtype), state)
     flat = {}
     for name, tx in (("plain", plain), ("scaled", scaled)):
         updates, _ = jax.jit(tx.update)(grads, tx.init(state), state)
-        flat[name] = {".".join(map(str, p)): np.asarray(v.get_value())
-                      for p, v in nnx.to_flat_state(updates)}
+        flat[name] = {
+            ".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(updates)
+        }
     checked = set()
     for path, u in flat["plain"].items():
         if path.startswith("visual.attn_pool.") or not path.startswith("visual."):
@@ -198,8 +229,9 @@ def test_event_file_holds_the_scalars(tmp_path):
     log.write({"step": 2, "loss": 2.0, "learning_rate": 2e-3, "tokens_per_s": 12.0})
     log.plot()
     log.close()
-    assert [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] \
-        == [2.5, 2.0]
+    assert [
+        json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ] == [2.5, 2.0]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (events,) = (tmp_path / "tensorboard").iterdir()
     records = metrics.read_records(events)  # CRCs checked

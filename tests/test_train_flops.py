@@ -33,13 +33,13 @@ def test_text_flops(family):
     ids = jnp.full((B, L), 7, jnp.int32)
     seg = jnp.ones((B, L), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(L), (3, B, L))
-    xla = xla_flops(lambda s: jnp.sum(nnx.merge(graphdef, s).forward(ids, seg, pos, None)[0]),
-                    state)
+    xla = xla_flops(
+        lambda s: jnp.sum(nnx.merge(graphdef, s).forward(ids, seg, pos, None)[0]), state
+    )
     t = cfg.text
     ours = text_forward_flops(t, np.array([L] * B))
     # XLA multiplies every query with every key; ours counts the causal half
-    masked_half = 4 * t.num_attention_heads * t.head_dim * B * L * (L - 1) / 2 \
-        * t.num_hidden_layers
+    masked_half = 4 * t.num_attention_heads * t.head_dim * B * L * (L - 1) / 2 * t.num_hidden_layers
     assert 0.9 < (ours + masked_half) / xla <= 1.0
 
 
@@ -48,10 +48,12 @@ def test_vision_flops(family):
     cfg = load_config(f"tiny_{family}")
     graphdef, state = nnx.split(build_model(cfg).visual)
     grids = np.array([[1, 8, 8], [1, 8, 8]])
-    vb = make_vision_batch(cfg.vision, np.zeros((128, cfg.vision.patch_dim), np.float32), grids,
-                           pad_to=128)
-    xla = xla_flops(lambda s, v: sum(jnp.sum(x) for x in nnx.merge(graphdef, s)(v)
-                                     if x is not None), state, vb)
+    vb = make_vision_batch(
+        cfg.vision, np.zeros((128, cfg.vision.patch_dim), np.float32), grids, pad_to=128
+    )
+    xla = xla_flops(
+        lambda s, v: sum(jnp.sum(x) for x in nnx.merge(graphdef, s)(v) if x is not None), state, vb
+    )
     assert 0.8 < vision_forward_flops(cfg.vision, np.array([64, 64])) / xla <= 1.0
 
 

@@ -19,8 +19,9 @@ from qwenvl_jax.train.synthetic import SyntheticBatches
 
 
 def host_params(state: nnx.State) -> dict[str, np.ndarray]:
-    return {path_str(p): np.asarray(jax.device_get(v.get_value()))
-            for p, v in nnx.to_flat_state(state)}
+    return {
+        path_str(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state)
+    }
 
 
 def param_paths_in(tree) -> set[str]:
@@ -42,8 +43,17 @@ def test_frozen_parameters_stay_bit_identical(family, stage, rows, seq):
     cfg = load_config(f"tiny_{family}")
     mesh = make_mesh(devices=jax.devices()[:1])
     table = read_file(stage_config_path(family, stage))["freeze"]
-    tc = from_dict({"freeze": table, "learning_rate": 1e-2, "warmup_steps": 0, "steps": 10,
-                    "batch_size": rows, "seq_len": seq, "weight_decay": 0.1})
+    tc = from_dict(
+        {
+            "freeze": table,
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+            "steps": 10,
+            "batch_size": rows,
+            "seq_len": seq,
+            "weight_decay": 0.1,
+        }
+    )
     model = build_model(cfg, mesh=mesh)
     before = host_params(nnx.state(model, nnx.Param))
     trainer = Trainer(model, tc, mesh)
@@ -65,6 +75,7 @@ def test_frozen_parameters_stay_bit_identical(family, stage, rows, seq):
     # step takes is over them alone (its shapes, without compiling it again)
     assert param_paths_in(state["opt_state"]) == trainable_paths
     batch = trainer.put_batch(next(data))
-    grads = jax.eval_shape(jax.grad(lambda p: trainer.loss(p, trainer.frozen, batch)[0]),
-                           state["params"])
+    grads = jax.eval_shape(
+        jax.grad(lambda p: trainer.loss(p, trainer.frozen, batch)[0]), state["params"]
+    )
     assert {path_str(p) for p, _ in nnx.to_flat_state(grads)} == trainable_paths

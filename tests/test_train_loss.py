@@ -39,9 +39,14 @@ def _hf_batch(ours, inputs, labels):
     targets[:, :-1] = ids[:, 1:]
     mask = np.zeros(ids.shape, np.float32)
     mask[:, :-1] = labels[:, 1:] != -100
-    return {"input_ids": ids, "segment_ids": np.asarray(x.segment_ids),
-            "position_ids": np.asarray(x.position_ids), "targets": targets, "loss_mask": mask,
-            **vision_fields(x.vision)}
+    return {
+        "input_ids": ids,
+        "segment_ids": np.asarray(x.segment_ids),
+        "position_ids": np.asarray(x.position_ids),
+        "targets": targets,
+        "loss_mask": mask,
+        **vision_fields(x.vision),
+    }
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen2_5_vl"])
@@ -65,25 +70,34 @@ def test_loss_and_gradients_match_transformers(family, tmp_path):
     trainer = Trainer(ours, tc, make_mesh(devices=jax.devices()[:1]))
     params = trainer._initial_params
     batch = trainer.put_batch(_hf_batch(ours, inputs, labels))
-    (loss, aux), grads = jax.jit(jax.value_and_grad(
-        lambda p: trainer.loss(p, trainer.frozen, batch), has_aux=True))(params)
+    (loss, aux), grads = jax.jit(
+        jax.value_and_grad(lambda p: trainer.loss(p, trainer.frozen, batch), has_aux=True)
+    )(params)
     np.testing.assert_allclose(float(loss), float(out.loss.detach()), rtol=1e-5)
     coef = ours.config.text.router_aux_loss_coef
-    np.testing.assert_allclose(float(loss), float(aux["ce"]) + coef * float(aux["aux_loss"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(loss), float(aux["ce"]) + coef * float(aux["aux_loss"]), rtol=1e-6
+    )
     if moe:
         assert float(aux["aux_loss"]) > 0.5
-        np.testing.assert_allclose(float(aux["aux_loss"]), float(out.aux_loss.detach()),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(float(aux["aux_loss"]), float(out.aux_loss.detach()), rtol=1e-5)
     g = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
     named = dict(ref.named_parameters())
-    pairs = [("lm_head.kernel", "lm_head.weight"),
-             ("visual.blocks.0.attn.qkv.kernel", "model.visual.blocks.0.attn.qkv.weight"),
-             ("language_model.layers.0.self_attn.q_proj.kernel",
-              "model.language_model.layers.0.self_attn.q_proj.weight")]
+    pairs = [
+        ("lm_head.kernel", "lm_head.weight"),
+        ("visual.blocks.0.attn.qkv.kernel", "model.visual.blocks.0.attn.qkv.weight"),
+        (
+            "language_model.layers.0.self_attn.q_proj.kernel",
+            "model.language_model.layers.0.self_attn.q_proj.weight",
+        ),
+    ]
     if moe:
-        pairs.append(("language_model.layers.0.mlp.gate.kernel",
-                      "model.language_model.layers.0.mlp.gate.weight"))
+        pairs.append(
+            (
+                "language_model.layers.0.mlp.gate.kernel",
+                "model.language_model.layers.0.mlp.gate.weight",
+            )
+        )
     for ours_name, ref_name in pairs:
         expected = named[ref_name].grad.numpy().T
         err = np.abs(g[ours_name] - expected).max() / np.abs(expected).max()

@@ -22,15 +22,28 @@ from qwenvl_jax.train.step import Trainer
 from qwenvl_jax.train.synthetic import SyntheticBatches
 
 # (family, stage, learning rate, steps, the final loss must fall below this share of the first)
-CASES = [("qwen3_vl", 1, 5e-2, 80, 0.1), ("qwen3_vl_moe", 2, 1e-2, 25, 0.01),
-         ("qwen2_5_vl", 3, 1e-2, 25, 0.01)]
+CASES = [
+    ("qwen3_vl", 1, 5e-2, 80, 0.1),
+    ("qwen3_vl_moe", 2, 1e-2, 25, 0.01),
+    ("qwen2_5_vl", 3, 1e-2, 25, 0.01),
+]
 
 
 @pytest.mark.parametrize("family, stage, lr, steps, share", CASES)
 def test_stage_overfits_one_batch(family, stage, lr, steps, share):
-    cfg = load_train_config(None, [f"model=tiny_{family}", f"stage={stage}",
-                                   f"learning_rate={lr}", f"steps={steps}", "warmup_steps=5",
-                                   "batch_size=2", "seq_len=64", "dtype=float32"])
+    cfg = load_train_config(
+        None,
+        [
+            f"model=tiny_{family}",
+            f"stage={stage}",
+            f"learning_rate={lr}",
+            f"steps={steps}",
+            "warmup_steps=5",
+            "batch_size=2",
+            "seq_len=64",
+            "dtype=float32",
+        ],
+    )
     assert cfg.stage == stage and cfg.remat == "full"
     mesh = make_mesh(devices=jax.devices()[:1])
     model = build_model(load_config(cfg.model), mesh=mesh, seed=0)

@@ -29,20 +29,43 @@ from qwenvl_jax.train.loop import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 60
-ARGS = ["--config", str(REPO / "configs/train/qwen2_vl_stage3.yaml"), "--no-progress",
-        "model=tiny_qwen2_vl", "data.train=synthetic", f"steps={STEPS}", "batch_size=2",
-        "seq_len=64", "grad_accum=2", "checkpoint_every=4", "keep_checkpoints=2",
-        "dtype=float32", "remat=none", "learning_rate=1e-3", "warmup_steps=5", "seed=3"]
+ARGS = [
+    "--config",
+    str(REPO / "configs/train/qwen2_vl_stage3.yaml"),
+    "--no-progress",
+    "model=tiny_qwen2_vl",
+    "data.train=synthetic",
+    f"steps={STEPS}",
+    "batch_size=2",
+    "seq_len=64",
+    "grad_accum=2",
+    "checkpoint_every=4",
+    "keep_checkpoints=2",
+    "dtype=float32",
+    "remat=none",
+    "learning_rate=1e-3",
+    "warmup_steps=5",
+    "seed=3",
+]
 
 
 def start(workdir: Path, cache: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3",
-               JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.Popen([sys.executable, "-m", "qwenvl_jax.cli", "train", "--workdir",
-                             str(workdir), *ARGS], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        TF_CPP_MIN_LOG_LEVEL="3",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwenvl_jax.cli", "train", "--workdir", str(workdir), *ARGS],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def records(workdir: Path) -> list[dict]:
@@ -117,8 +140,9 @@ def test_sigterm_and_sigkill_resume_to_the_uninterrupted_losses(tmp_path):
     init = build_model(load_config("tiny_qwen2_vl"), seed=3)
     flat = {k: v for k, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
     for path, var in nnx.to_flat_state(nnx.state(ref, nnx.Param)):
-        assert np.asarray(flat[path].get_value()).tobytes() == np.asarray(
-            var.get_value()).tobytes(), path
+        assert (
+            np.asarray(flat[path].get_value()).tobytes() == np.asarray(var.get_value()).tobytes()
+        ), path
     vit = jax.device_get(ours.visual.blocks[0].attn.qkv.kernel.get_value())
     assert np.array_equal(vit, jax.device_get(init.visual.blocks[0].attn.qkv.kernel.get_value()))
     merger = jax.device_get(ours.visual.merger.fc1.kernel.get_value())

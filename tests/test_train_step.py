@@ -26,14 +26,14 @@ def mesh():
 
 
 def run_config(**kw):
-    base = {"learning_rate": 1e-2, "warmup_steps": 0, "steps": 10, "batch_size": 2,
-            "seq_len": 64}
+    base = {"learning_rate": 1e-2, "warmup_steps": 0, "steps": 10, "batch_size": 2, "seq_len": 64}
     return from_dict({**base, **kw})
 
 
 def host_params(state: nnx.State) -> dict[str, np.ndarray]:
-    return {path_str(p): np.asarray(jax.device_get(v.get_value()))
-            for p, v in nnx.to_flat_state(state)}
+    return {
+        path_str(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state)
+    }
 
 
 def test_remat_and_scanned_layers_give_the_same_loss_and_gradients():
@@ -51,7 +51,8 @@ def test_remat_and_scanned_layers_give_the_same_loss_and_gradients():
         trainer = Trainer(model, run_config(freeze=[[".*", "train"]]), mesh())
         dev = trainer.put_batch(batch)
         loss, grads = jax.jit(jax.value_and_grad(_loss_of(trainer)))(
-            trainer._initial_params, trainer.frozen, dev)
+            trainer._initial_params, trainer.frozen, dev
+        )
         out[(remat, scan)] = (float(loss), host_params(grads))
     ref_loss, ref_grads = out[("none", False)]
     for key, (loss, grads) in out.items():
@@ -64,10 +65,12 @@ def test_remat_and_scanned_layers_give_the_same_loss_and_gradients():
 def test_bf16_compute_keeps_float32_master_weights():
     cfg = load_config("tiny_qwen2_vl")
     batch = next(SyntheticBatches(cfg, 2, 64, seed=11))
-    f32 = Trainer(build_model(cfg, mesh=mesh(), dtype="float32", seed=0),
-                  run_config(freeze=[[".*", "train"]]), mesh())
-    f32_loss = float(jax.jit(_loss_of(f32))(f32._initial_params, f32.frozen,
-                                            f32.put_batch(batch)))
+    f32 = Trainer(
+        build_model(cfg, mesh=mesh(), dtype="float32", seed=0),
+        run_config(freeze=[[".*", "train"]]),
+        mesh(),
+    )
+    f32_loss = float(jax.jit(_loss_of(f32))(f32._initial_params, f32.frozen, f32.put_batch(batch)))
     model = build_model(cfg, mesh=mesh(), dtype="bfloat16", param_dtype="float32", seed=0)
     trainer = Trainer(model, run_config(freeze=[[".*", "train"]]), mesh())
     before = host_params(trainer._initial_params)

@@ -19,13 +19,19 @@ from qwenvl_jax.errors import ConfigError
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("data", help="convert JSONL conversations into ArrayRecord shards",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "data",
+        help="convert JSONL conversations into ArrayRecord shards",
+        description=__doc__.splitlines()[0],
+    )
     p.add_argument("src", metavar="SRC.jsonl", help="one sample per line")
     p.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty)")
     p.add_argument("--family", choices=FAMILIES, help="model family the data is meant for")
-    p.add_argument("--model", metavar="PATH",
-                   help="checkpoint folder: check each sample with its processor and template")
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        help="checkpoint folder: check each sample with its processor and template",
+    )
     p.add_argument("--records-per-shard", type=int, default=1000, metavar="N")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
@@ -44,8 +50,11 @@ def _checker(model: str, family: str | None) -> tuple[Any, str]:
 
     def check(messages: list) -> dict[str, int]:
         example = transform.example(messages)
-        return {"tokens": example.num_tokens, "patches": example.num_patches,
-                "images": example.num_images}
+        return {
+            "tokens": example.num_tokens,
+            "patches": example.num_patches,
+            "images": example.num_images,
+        }
 
     return check, config.family
 
@@ -61,9 +70,16 @@ def run(args: argparse.Namespace) -> int:
     meta = {"family": family, "model": args.model, "source": str(args.src)}
     progress = lambda it: tqdm(it, desc="samples", unit="", disable=not sys.stderr.isatty())  # noqa: E731
     try:
-        stats = convert_jsonl(args.src, args.dst, check=check, strict=args.strict,
-                              records_per_shard=args.records_per_shard,
-                              overwrite=args.overwrite, metadata=meta, progress=progress)
+        stats = convert_jsonl(
+            args.src,
+            args.dst,
+            check=check,
+            strict=args.strict,
+            records_per_shard=args.records_per_shard,
+            overwrite=args.overwrite,
+            metadata=meta,
+            progress=progress,
+        )
     except NoSamplesError as e:
         print(e.stats.summary())
         print(f"qwenvl-jax data: error: {e}", file=sys.stderr)

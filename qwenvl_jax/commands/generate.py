@@ -24,28 +24,57 @@ CACHE_DIR = Path("~/.cache/qwenvl_jax/jax_cache")
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "generate", help="answer a prompt about images and videos",
-        description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="a Hugging Face checkpoint folder or a `qwenvl-jax convert` folder")
-    p.add_argument("--image", action="append", default=[], metavar="FILE",
-                   help="an image (repeat for several; they come first, in order)")
-    p.add_argument("--video", action="append", default=[], metavar="FILE",
-                   help="a video (repeat for several; after the images)")
+        "generate",
+        help="answer a prompt about images and videos",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="a Hugging Face checkpoint folder or a `qwenvl-jax convert` folder",
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image (repeat for several; they come first, in order)",
+    )
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a video (repeat for several; after the images)",
+    )
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the user's text")
     p.add_argument("--system", metavar="TEXT", help="a system message")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="0 (the default) decodes greedily")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="0 (the default) decodes greedily",
+    )
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--top-k", type=int, default=0, metavar="K")
     p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="default: float32 on CPU, bfloat16 on accelerators")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, token_ids, prompt_tokens, timings)")
-    p.add_argument("--draw", metavar="OUT.png",
-                   help="write the first image with the boxes named in the answer")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="default: float32 on CPU, bfloat16 on accelerators",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, token_ids, prompt_tokens, timings)",
+    )
+    p.add_argument(
+        "--draw", metavar="OUT.png", help="write the first image with the boxes named in the answer"
+    )
     return p
 
 
@@ -65,8 +94,9 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
 
 
-def build_messages(images: list[str], videos: list[str], prompt: str,
-                   system: str | None = None) -> list[dict]:
+def build_messages(
+    images: list[str], videos: list[str], prompt: str, system: str | None = None
+) -> list[dict]:
     """One user turn in the HF chat format: the images in order, then the videos, then the text."""
     content = [{"type": "image", "image": str(i)} for i in images]
     content += [{"type": "video", "video": str(v)} for v in videos]
@@ -111,8 +141,13 @@ def input_size_fn(processor: Any, family: str) -> Callable[[int, int], tuple[int
     return size
 
 
-def draw_boxes(image_path: str, answer: str, family: str, out: str,
-               input_size: Callable[[int, int], tuple[int, int]] | None = None) -> int:
+def draw_boxes(
+    image_path: str,
+    answer: str,
+    family: str,
+    out: str,
+    input_size: Callable[[int, int], tuple[int, int]] | None = None,
+) -> int:
     """Draw the boxes that `qwenvl_jax.grounding.parse_boxes` finds in the answer (decoded with
     its special tokens) onto the image, write it to `out` atomically, and return their number.
     input_size: see `input_size_fn`."""
@@ -125,8 +160,7 @@ def draw_boxes(image_path: str, answer: str, family: str, out: str,
     with PIL.Image.open(image_path) as f:
         image = PIL.ImageOps.exif_transpose(f).convert("RGB")
     size = image.size
-    boxes = parse_boxes(answer, family, size,
-                        input_size=input_size(*size) if input_size else None)
+    boxes = parse_boxes(answer, family, size, input_size=input_size(*size) if input_size else None)
     canvas = PIL.ImageDraw.Draw(image)
     colors = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6")
     width = max(2, round(min(size) / 200))
@@ -167,21 +201,40 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    out = generate(model, processor, messages, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   seed=args.seed, stream=None if args.json else stream)
+    out = generate(
+        model,
+        processor,
+        messages,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stream=None if args.json else stream,
+    )
     if args.json:
-        timings = {k: round(float(out.timings[k]), 6)
-                   for k in ("compile_s", "prefill_s", "decode_tokens_per_s")}
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids,
-                          "prompt_tokens": out.prompt_tokens, "timings": timings},
-                         ensure_ascii=False))
+        timings = {
+            k: round(float(out.timings[k]), 6)
+            for k in ("compile_s", "prefill_s", "decode_tokens_per_s")
+        }
+        print(
+            json.dumps(
+                {
+                    "text": out.text,
+                    "token_ids": out.token_ids,
+                    "prompt_tokens": out.prompt_tokens,
+                    "timings": timings,
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         stream("\n")
     if args.draw:
         answer = processor.decode(out.token_ids, skip_special_tokens=False)
-        n = draw_boxes(args.image[0], answer, config.family, args.draw,
-                       input_size_fn(processor, config.family))
+        n = draw_boxes(
+            args.image[0], answer, config.family, args.draw, input_size_fn(processor, config.family)
+        )
         if n == 0:
             log.warning("the answer names no boxes; %s is the image unchanged", args.draw)
     return 0

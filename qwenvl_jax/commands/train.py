@@ -18,8 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="overrides: model=PATH_OR_PRESET stage=1|2|3 data.train=PATH steps=N "
-               "batch_size=N seq_len=N learning_rate=F checkpoint_every=N seed=N, and any other "
-               "key of the config, dotted (mesh.fsdp=4, data.max_patches=4096)",
+        "batch_size=N seq_len=N learning_rate=F checkpoint_every=N seed=N, and any other "
+        "key of the config, dotted (mesh.fsdp=4, data.max_patches=4096)",
     )
     p.add_argument("--config", default=None, help="a training config (YAML or JSON)")
     p.add_argument("--workdir", default="runs/train", help="run folder (default: runs/train)")

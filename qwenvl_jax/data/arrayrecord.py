@@ -46,7 +46,7 @@ def _read_media(source: Any) -> Blob:
     if isinstance(source, Blob):
         return source
     if isinstance(source, str) and not source.startswith(("http://", "https://", "data:")):
-        path = source[len("file://"):] if source.startswith("file://") else source
+        path = source[len("file://") :] if source.startswith("file://") else source
         if not os.path.isfile(path):
             raise MissingMediaError(f"media file not found: {path}")
         return Blob(os.path.basename(path), Path(path).read_bytes())
@@ -72,13 +72,17 @@ def encode_record(messages: list[dict[str, Any]], meta: Mapping[str, Any] | None
         if isinstance(content, list):
             content = [
                 {**item, item["type"]: embed(item[item["type"]])}
-                if item.get("type") in MEDIA_KEYS else item
+                if item.get("type") in MEDIA_KEYS
+                else item
                 for item in content
             ]
         out.append({**message, "content": content})
     header = json.dumps(
-        {"messages": out, "blobs": [{"name": b.name, "size": len(b.data)} for b in blobs],
-         "meta": dict(meta or {})},
+        {
+            "messages": out,
+            "blobs": [{"name": b.name, "size": len(b.data)} for b in blobs],
+            "meta": dict(meta or {}),
+        },
         ensure_ascii=False,
     ).encode("utf-8")
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *(b.data for b in blobs)])
@@ -99,12 +103,12 @@ def _decode(data: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         raise malformed("not a qwenvl_jax data record")
     (n,) = struct.unpack("<I", data[4:8])
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise malformed(f"corrupt record header: {e}") from None
     blobs, pos = [], 8 + n
     for spec in header["blobs"]:
-        blobs.append(Blob(spec["name"], data[pos:pos + spec["size"]]))
+        blobs.append(Blob(spec["name"], data[pos : pos + spec["size"]]))
         pos += spec["size"]
     if pos != len(data):
         raise malformed(f"corrupt record: {len(data)} bytes, the header describes {pos}")
@@ -120,7 +124,8 @@ def _decode(data: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if isinstance(content, list):
             content = [
                 {**item, item["type"]: restore(item[item["type"]])}
-                if item.get("type") in MEDIA_KEYS else item
+                if item.get("type") in MEDIA_KEYS
+                else item
                 for item in content
             ]
         messages.append({**message, "content": content})
@@ -154,7 +159,7 @@ def _probe_video(source: Any) -> None:
         target: Any = io.BytesIO(source.data)
         name = source.name
     else:
-        name = source[len("file://"):] if source.startswith("file://") else source
+        name = source[len("file://") :] if source.startswith("file://") else source
         if not os.path.isfile(name):
             raise MissingMediaError(f"video file not found: {name}")
         target = name
@@ -250,7 +255,12 @@ def convert_jsonl(
         writer.close()
         if not stats.samples:
             raise NoSamplesError(f"{src}: no usable sample ({stats.summary()})", stats)
-        info = {"format": FORMAT, "samples": stats.samples, "skipped": stats.skipped,
-                "shards": writer.shards, **dict(metadata or {})}
+        info = {
+            "format": FORMAT,
+            "samples": stats.samples,
+            "skipped": stats.skipped,
+            "shards": writer.shards,
+            **dict(metadata or {}),
+        }
         (tmp / METADATA).write_text(json.dumps(info, indent=2) + "\n")
     return stats

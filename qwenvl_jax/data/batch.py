@@ -79,7 +79,10 @@ def padding_share(batch: Mapping[str, Any]) -> float:
 
 
 def batch_spec(
-    model_config: ModelConfig, batch_size: int, seq_len: int, max_patches: int = 0,
+    model_config: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    max_patches: int = 0,
     max_images: int = 0,
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """The (shape, dtype) of every batch entry for a run config: what the trainer can compile for

@@ -33,8 +33,15 @@ logger = logging.getLogger(__name__)
 class Packer:
     """One batch being filled: B rows of L tokens and the vision budget."""
 
-    def __init__(self, model_config: ModelConfig, batch_size: int, seq_len: int, *,
-                 max_patches: int = 0, max_images: int = 0) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        batch_size: int,
+        seq_len: int,
+        *,
+        max_patches: int = 0,
+        max_images: int = 0,
+    ) -> None:
         self.config = model_config
         self.v1 = model_config.family == "qwen_vl"
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -56,13 +63,18 @@ class Packer:
 
     def fits(self, example: Example) -> bool:
         """Whether the example could go into an empty batch."""
-        return (example.num_tokens <= self.seq_len and example.num_patches <= self.max_patches
-                and example.num_images <= self.max_images)
+        return (
+            example.num_tokens <= self.seq_len
+            and example.num_patches <= self.max_patches
+            and example.num_images <= self.max_images
+        )
 
     def add(self, example: Example) -> bool:
         """Place the example in the first row with room; False when it does not fit."""
-        if (self.patches + example.num_patches > self.max_patches
-                or self.images + example.num_images > self.max_images):
+        if (
+            self.patches + example.num_patches > self.max_patches
+            or self.images + example.num_images > self.max_images
+        ):
             return False
         n = example.num_tokens
         for row, free in enumerate(self.free):
@@ -86,14 +98,19 @@ class Packer:
             at = 0
             for s, ex in enumerate(row, start=1):
                 n = ex.num_tokens
-                input_ids[b, at:at + n] = ex.input_ids
-                segment_ids[b, at:at + n] = s
-                position_ids[:, b, at:at + n] = ex.position_ids
-                targets[b, at:at + n - 1] = ex.input_ids[1:]
-                loss_mask[b, at:at + n - 1] = ex.target_mask[1:]
+                input_ids[b, at : at + n] = ex.input_ids
+                segment_ids[b, at : at + n] = s
+                position_ids[:, b, at : at + n] = ex.position_ids
+                targets[b, at : at + n - 1] = ex.input_ids[1:]
+                loss_mask[b, at : at + n - 1] = ex.target_mask[1:]
                 at += n
-        batch = {"input_ids": input_ids, "segment_ids": segment_ids, "position_ids": position_ids,
-                 "targets": targets, "loss_mask": loss_mask}
+        batch = {
+            "input_ids": input_ids,
+            "segment_ids": segment_ids,
+            "position_ids": position_ids,
+            "targets": targets,
+            "loss_mask": loss_mask,
+        }
         batch.update(self._vision())
         return batch
 
@@ -107,13 +124,15 @@ class Packer:
             k = 0
             for ex in examples:
                 if ex.num_images:
-                    pixels[k:k + ex.num_images] = ex.pixel_values
+                    pixels[k : k + ex.num_images] = ex.pixel_values
                     k += ex.num_images
             return {V1_PIXELS: pixels}
         if not self.max_patches:
             return {}
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in (
-            "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+        parts: dict[str, list[np.ndarray]] = {
+            k: []
+            for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        }
         for ex in examples:
             for key, items in parts.items():
                 value = getattr(ex, key)
@@ -123,21 +142,40 @@ class Packer:
         if cat["image_grid_thw"] is None and cat["video_grid_thw"] is None:
             vision = empty_vision_batch(self.config.vision, self.max_patches)
         else:
-            vision = make_vision_batch(self.config.vision, cat["pixel_values"],
-                                       cat["image_grid_thw"], cat["pixel_values_videos"],
-                                       cat["video_grid_thw"], pad_to=self.max_patches)
+            vision = make_vision_batch(
+                self.config.vision,
+                cat["pixel_values"],
+                cat["image_grid_thw"],
+                cat["pixel_values_videos"],
+                cat["video_grid_thw"],
+                pad_to=self.max_patches,
+            )
         return vision_fields(vision)
 
 
 class PackIterDataset(grain.IterDataset):
     """Examples (or Skipped markers) in, `(batch, stats)` out; see the module docstring."""
 
-    def __init__(self, parent: grain.IterDataset, model_config: ModelConfig, batch_size: int,
-                 seq_len: int, *, max_patches: int = 0, max_images: int = 0,
-                 max_pending: int | None = None, max_consecutive_skips: int = 1000) -> None:
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        model_config: ModelConfig,
+        batch_size: int,
+        seq_len: int,
+        *,
+        max_patches: int = 0,
+        max_images: int = 0,
+        max_pending: int | None = None,
+        max_consecutive_skips: int = 1000,
+    ) -> None:
         super().__init__(parent)
-        self.packer_args = dict(model_config=model_config, batch_size=batch_size,
-                                seq_len=seq_len, max_patches=max_patches, max_images=max_images)
+        self.packer_args = dict(
+            model_config=model_config,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            max_patches=max_patches,
+            max_images=max_images,
+        )
         self.max_pending = batch_size if max_pending is None else max_pending
         self.max_consecutive_skips = max_consecutive_skips
 
@@ -194,8 +232,11 @@ class PackIterator(grain.DatasetIterator):
                 read.example = element
                 waiting += 1
             else:  # the transform checks sizes; this guards a config mismatch
-                raise SampleError("too_long", f"an example of {element.num_tokens} tokens and "
-                                  f"{element.num_patches} patches cannot fit any batch")
+                raise SampleError(
+                    "too_long",
+                    f"an example of {element.num_tokens} tokens and "
+                    f"{element.num_patches} patches cannot fit any batch",
+                )
         while self._window and self._window[0].example is None:
             self._window.pop(0)
         if packer.empty:
@@ -209,14 +250,20 @@ class PackIterator(grain.DatasetIterator):
     def _count_skip(self, skipped: Skipped) -> None:
         self._consecutive_skips += 1
         if self._consecutive_skips >= self._ds.max_consecutive_skips:
-            raise SampleError(skipped.reason, f"the last {self._consecutive_skips} samples were "
-                              f"all skipped; the last one: {skipped.where}: {skipped.message}")
+            raise SampleError(
+                skipped.reason,
+                f"the last {self._consecutive_skips} samples were "
+                f"all skipped; the last one: {skipped.where}: {skipped.message}",
+            )
 
     def get_state(self) -> dict[str, Any]:
         start = self._window[0].state if self._window else self._parent.get_state()
-        return {"parent": start, "waiting": [int(r.example is not None) for r in self._window],
-                "exhausted": int(self._exhausted and not self._window),
-                "consecutive_skips": self._consecutive_skips}
+        return {
+            "parent": start,
+            "waiting": [int(r.example is not None) for r in self._window],
+            "exhausted": int(self._exhausted and not self._window),
+            "consecutive_skips": self._consecutive_skips,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])

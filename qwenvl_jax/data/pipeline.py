@@ -108,8 +108,9 @@ class DataConfig:
     def rows(self, process_count: int) -> int:
         """Rows of each process's batches."""
         if self.batch_size % process_count:
-            raise ConfigError(f"batch_size {self.batch_size} is not a multiple of the "
-                              f"{process_count} processes")
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not a multiple of the {process_count} processes"
+            )
         return self.batch_size // process_count
 
     def patch_budget(self, model_config: ModelConfig, rows: int) -> tuple[int, int]:
@@ -191,36 +192,60 @@ def make_train_iterator(
     source = open_source(cfg.train, tfds_data_dir=cfg.tfds_data_dir)
     written_for = getattr(source, "metadata", {}).get("family")
     if written_for and written_for != model_config.family:
-        logger.warning("%s was prepared for %s, the model is %s", cfg.train, written_for,
-                       model_config.family)
+        logger.warning(
+            "%s was prepared for %s, the model is %s", cfg.train, written_for, model_config.family
+        )
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if len(ds) == 0:
-        raise ConfigError(f"{cfg.train}: no records for process {process_index} of "
-                          f"{process_count}")
+        raise ConfigError(f"{cfg.train}: no records for process {process_index} of {process_count}")
     records = len(ds)
     if cfg.shuffle:
         ds = ds.shuffle(seed=seed % 2**32)
     ds = ds.repeat(cfg.num_epochs)
-    transform = SampleTransform(processor, model_config, loss_on=cfg.loss_on,
-                                max_tokens=cfg.seq_len, max_patches=max_patches,
-                                max_images=max_images)
+    transform = SampleTransform(
+        processor,
+        model_config,
+        loss_on=cfg.loss_on,
+        max_tokens=cfg.seq_len,
+        max_patches=max_patches,
+        max_images=max_images,
+    )
     ds = ds.map(_SafeTransform(transform, cfg.strict))
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                                   prefetch_buffer_size=4 * cfg.read_threads))
-    iter_ds = PackIterDataset(iter_ds, model_config, rows, cfg.seq_len,
-                              max_patches=max_patches, max_images=max_images,
-                              max_pending=cfg.max_pending,
-                              max_consecutive_skips=cfg.max_consecutive_skips)
+    iter_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * cfg.read_threads)
+    )
+    iter_ds = PackIterDataset(
+        iter_ds,
+        model_config,
+        rows,
+        cfg.seq_len,
+        max_patches=max_patches,
+        max_images=max_images,
+        max_pending=cfg.max_pending,
+        max_consecutive_skips=cfg.max_consecutive_skips,
+    )
     if cfg.num_workers:
         _absl_flags_ready()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=cfg.num_workers, per_worker_buffer_size=max(1, cfg.prefetch)))
+        iter_ds = iter_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=cfg.num_workers, per_worker_buffer_size=max(1, cfg.prefetch)
+            )
+        )
     elif cfg.prefetch:
         iter_ds = grain.experimental.ThreadPrefetchIterDataset(
-            iter_ds, prefetch_buffer_size=cfg.prefetch)
-    logger.info("data: %s, process %d/%d, %d records here, batch %dx%d, patches %d, images %d",
-                source, process_index, process_count, records,
-                rows, cfg.seq_len, max_patches, max_images)
+            iter_ds, prefetch_buffer_size=cfg.prefetch
+        )
+    logger.info(
+        "data: %s, process %d/%d, %d records here, batch %dx%d, patches %d, images %d",
+        source,
+        process_index,
+        process_count,
+        records,
+        rows,
+        cfg.seq_len,
+        max_patches,
+        max_images,
+    )
     return TrainIterator(iter(iter_ds))
 
 

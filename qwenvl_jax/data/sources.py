@@ -42,8 +42,16 @@ import numpy as np
 from qwenvl_jax.data.stats import MALFORMED, SampleError
 from qwenvl_jax.errors import InputError
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "model": "assistant", "bot": "assistant", "system": "system", "tool": "tool"}
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 _TAG = re.compile(r"<(image|video)>")
 _MEDIA_KINDS = ("image", "video")
 _SOURCE_KEYS = {"image": ("image", "image_url", "path", "url"), "video": ("video", "path", "url")}
@@ -169,8 +177,8 @@ def _split_tags(text: str, media: dict[str, list[Any]]) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     pos = 0
     for m in _TAG.finditer(text):
-        if text[pos:m.start()]:
-            entries.append({"type": "text", "text": text[pos:m.start()]})
+        if text[pos : m.start()]:
+            entries.append({"type": "text", "text": text[pos : m.start()]})
         kind = m.group(1)
         entries.append({"type": kind, kind: _take(media, kind)})
         pos = m.end()
@@ -238,7 +246,7 @@ def _content_entry(item: Any, base_dir: str | os.PathLike, media: dict[str, list
 
 
 def _media_kind(item: Mapping[str, Any]) -> str | None:
-    """"image" / "video" for a media entry, by the chat templates' own test, else None."""
+    """ "image" / "video" for a media entry, by the chat templates' own test, else None."""
     if item.get("type") == "image" or "image" in item or "image_url" in item:
         return "image"
     if item.get("type") == "video" or "video" in item:
@@ -248,8 +256,11 @@ def _media_kind(item: Mapping[str, Any]) -> str | None:
 
 def _box_entry(item: Mapping[str, Any]) -> dict[str, Any]:
     box = item.get("box")
-    if not (isinstance(box, (list, tuple)) and len(box) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+    if not (
+        isinstance(box, (list, tuple))
+        and len(box) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    ):
         raise malformed(f"a box must be [x1, y1, x2, y2] in pixels, got {box!r}")
     x1, y1, x2, y2 = (float(v) for v in box)
     if not (x1 <= x2 and y1 <= y2 and min(x1, y1) >= 0):
@@ -266,8 +277,12 @@ def _box_entry(item: Mapping[str, Any]) -> dict[str, Any]:
 def _sharegpt_messages(raw: Any, media: dict[str, list[Any]]) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise malformed("'conversations' must be a non-empty list")
-    tagged = any(isinstance(t, Mapping) and isinstance(t.get("value", t.get("content")), str)
-                 and _TAG.search(t.get("value", t.get("content"))) for t in raw)
+    tagged = any(
+        isinstance(t, Mapping)
+        and isinstance(t.get("value", t.get("content")), str)
+        and _TAG.search(t.get("value", t.get("content")))
+        for t in raw
+    )
     messages = []
     for turn in raw:
         if not isinstance(turn, Mapping):
@@ -310,8 +325,12 @@ def _tfds_fields(example: Mapping[str, Any]) -> dict[str, Any]:
             kind = key.rstrip("s")
             if isinstance(value, list):
                 value = [Blob(f"{kind}.bin", v) if isinstance(v, bytes) else v for v in value]
-            elif isinstance(value, np.ndarray) and key.endswith("s") and value.dtype == np.uint8 \
-                    and value.ndim == (4 if kind == "image" else 5):
+            elif (
+                isinstance(value, np.ndarray)
+                and key.endswith("s")
+                and value.dtype == np.uint8
+                and value.ndim == (4 if kind == "image" else 5)
+            ):
                 value = list(value)
         out[key] = value
     return out
@@ -346,8 +365,12 @@ class JsonlSource:
             self._fd = os.open(self.path, os.O_RDONLY)
         start, size = (int(v) for v in self._spans[index])
         line = os.pread(self._fd, size, start)
-        return RawRecord("json", line.decode("utf-8", errors="replace"), str(self.path.parent),
-                         f"{self.path.name}:{index + 1}")
+        return RawRecord(
+            "json",
+            line.decode("utf-8", errors="replace"),
+            str(self.path.parent),
+            f"{self.path.name}:{index + 1}",
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fd": None}
@@ -364,8 +387,9 @@ class JsonlSource:
 class ArrayRecordSource:
     """The records of ArrayRecord shards (one sample each, media embedded; see arrayrecord.py)."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike],
-                 metadata: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, paths: Sequence[str | os.PathLike], metadata: Mapping[str, Any] | None = None
+    ) -> None:
         import grain
 
         self.paths = [str(p) for p in paths]
@@ -411,7 +435,7 @@ def open_source(spec: str | os.PathLike, *, tfds_data_dir: str | None = None) ->
     folder (or one .array_record file), or a JSONL file."""
     text = os.fspath(spec)
     if text.startswith("tfds:"):
-        name, _, split = text[len("tfds:"):].partition(":")
+        name, _, split = text[len("tfds:") :].partition(":")
         return TfdsSource(name, split or "train", tfds_data_dir)
     path = Path(text)
     if path.is_dir():

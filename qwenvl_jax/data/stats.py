@@ -87,16 +87,23 @@ class DataStats:
     def describe(self) -> str:
         """The summary with the reasons for skips and the padding share, for logs."""
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
-        return (f"{self.summary()}{f' ({reasons})' if reasons else ''}, {self.batches} batches, "
-                f"padding share {self.padding_share:.1%}")
+        return (
+            f"{self.summary()}{f' ({reasons})' if reasons else ''}, {self.batches} batches, "
+            f"padding share {self.padding_share:.1%}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataStats:
-        return cls(samples=int(d["samples"]), skipped={k: int(v) for k, v in d["skipped"].items()},
-                   tokens=int(d["tokens"]), slots=int(d["slots"]), batches=int(d["batches"]))
+        return cls(
+            samples=int(d["samples"]),
+            skipped={k: int(v) for k, v in d["skipped"].items()},
+            tokens=int(d["tokens"]),
+            slots=int(d["slots"]),
+            batches=int(d["batches"]),
+        )
 
 
 class SkipPolicy:

@@ -66,8 +66,9 @@ class Example:
         """ViT patches of the native-resolution families (0 for Qwen-VL v1)."""
         if self.image_grid_thw is None and self.video_grid_thw is None:
             return 0
-        return sum(0 if a is None else len(a) for a in (self.pixel_values,
-                                                          self.pixel_values_videos))
+        return sum(
+            0 if a is None else len(a) for a in (self.pixel_values, self.pixel_values_videos)
+        )
 
     @property
     def num_images(self) -> int:
@@ -124,8 +125,7 @@ class SampleTransform:
         with _processor_media(messages) as ready:
             texts, is_reply = self.segments(ready)
             images, videos = _media(ready)
-            out = self.processor.process(texts, images=images, videos=videos,
-                                         padding_side="right")
+            out = self.processor.process(texts, images=images, videos=videos, padding_side="right")
         ids, replies = [], []
         for row, valid, reply in zip(out["input_ids"], out["attention_mask"], is_reply):
             tokens = np.asarray(row)[np.asarray(valid) == 1]
@@ -134,8 +134,9 @@ class SampleTransform:
         input_ids = np.concatenate(ids).astype(np.int32)
         reply = np.concatenate(replies)
         vision = np.isin(input_ids, [self.config.image_token_id, self.config.video_token_id])
-        example = Example(input_ids, self._target_mask(reply, vision),
-                          self._positions(input_ids, out))
+        example = Example(
+            input_ids, self._target_mask(reply, vision), self._positions(input_ids, out)
+        )
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
             if out.get(key) is not None:
                 setattr(example, key, np.asarray(out[key]))
@@ -163,8 +164,7 @@ class SampleTransform:
         stand_in = _replace_images(messages, np.zeros((1, 1, 3), np.uint8))
 
         def ids_of(conversation: list[dict[str, Any]], generation_prompt: bool) -> np.ndarray:
-            return np.asarray(self.processor.prompt_ids(conversation, generation_prompt),
-                              np.int64)
+            return np.asarray(self.processor.prompt_ids(conversation, generation_prompt), np.int64)
 
         input_ids = ids_of(stand_in, False)
         reply = np.zeros(len(input_ids), bool)
@@ -172,20 +172,24 @@ class SampleTransform:
             if message["role"] != "assistant":
                 continue
             before = ids_of(stand_in[:i], True) if i else input_ids[:0]
-            through = ids_of(stand_in[:i + 1], False)
+            through = ids_of(stand_in[: i + 1], False)
             if not (i and _starts_with(through, before) and _starts_with(input_ids, through)):
                 raise malformed(f"cannot find reply {i} of the conversation in its prompt ids")
-            reply[len(before):len(through)] = True
+            reply[len(before) : len(through)] = True
         start_id = self.config.vision.image_start_id
         inside = np.cumsum(input_ids == start_id) - np.cumsum(input_ids == start_id + 1)
         vision = (inside > 0) & (input_ids != start_id)  # the 256 positions after each <img>
         n = len(input_ids)
-        example = Example(input_ids.astype(np.int32), self._target_mask(reply, vision),
-                          np.broadcast_to(np.arange(n, dtype=np.int32), (3, n)).copy())
+        example = Example(
+            input_ids.astype(np.int32),
+            self._target_mask(reply, vision),
+            np.broadcast_to(np.arange(n, dtype=np.int32), (3, n)).copy(),
+        )
         if images:
             size = self.config.vision.image_size
-            example.pixel_values = np.stack([preprocess_image(image_input(im), size)
-                                             for im in images])
+            example.pixel_values = np.stack(
+                [preprocess_image(image_input(im), size) for im in images]
+            )
         self._check_size(example)
         return example
 
@@ -202,21 +206,23 @@ class SampleTransform:
         cuts.append(len(full))
         texts, is_reply = [], []
         for k in range(len(cuts) - 1):
-            piece = full[cuts[k]:cuts[k + 1]]
+            piece = full[cuts[k] : cuts[k + 1]]
             if piece:
                 texts.append(piece)
                 is_reply.append(k % 2 == 1)
         return texts, is_reply
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt
+        )
 
     def format_boxes(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Box entries replaced by their text in this family's grounding format."""
-        if not any(isinstance(m["content"], list) and any(i.get("type") == "box"
-                                                          for i in m["content"])
-                   for m in messages):
+        if not any(
+            isinstance(m["content"], list) and any(i.get("type") == "box" for i in m["content"])
+            for m in messages
+        ):
             return messages
         from qwenvl_jax.grounding import format_box
 
@@ -238,8 +244,13 @@ class SampleTransform:
                 k = item.get("image_index", len(sizes) - 1)
                 if not 0 <= k < len(sizes):
                     raise malformed(f"a box refers to image {k}, and {len(sizes)} come before it")
-                text = format_box(item["label"], item["box"], self.family, sizes[k],
-                                  input_size=self._input_size(sizes[k]))
+                text = format_box(
+                    item["label"],
+                    item["box"],
+                    self.family,
+                    sizes[k],
+                    input_size=self._input_size(sizes[k]),
+                )
                 items.append({"type": "text", "text": text})
             out.append({**message, "content": _merge_text(items)})
         return out
@@ -256,22 +267,30 @@ class SampleTransform:
     def _positions(self, input_ids: np.ndarray, out: dict[str, Any]) -> np.ndarray:
         """int32[3, n]: the sample's own M-RoPE positions."""
         spg = out.get("second_per_grid_ts")
-        pos, _ = get_rope_index(self.config, input_ids[None], None, out.get("image_grid_thw"),
-                                out.get("video_grid_thw"),
-                                None if spg is None else np.asarray(spg, np.float32))
+        pos, _ = get_rope_index(
+            self.config,
+            input_ids[None],
+            None,
+            out.get("image_grid_thw"),
+            out.get("video_grid_thw"),
+            None if spg is None else np.asarray(spg, np.float32),
+        )
         return pos[:, 0].astype(np.int32)
 
     def _check_size(self, example: Example) -> None:
-        limits = (("tokens", example.num_tokens, self.max_tokens),
-                  ("vision patches", example.num_patches, self.max_patches),
-                  ("images", example.num_images, self.max_images))
+        limits = (
+            ("tokens", example.num_tokens, self.max_tokens),
+            ("vision patches", example.num_patches, self.max_patches),
+            ("images", example.num_images, self.max_images),
+        )
         for what, n, limit in limits:
             if limit is not None and n > limit:
                 raise SampleError(TOO_LONG, f"{n} {what}, more than the {limit} a batch holds")
 
 
-def assistant_spans(render: Any, messages: Sequence[dict[str, Any]], full: str
-                    ) -> list[tuple[int, int]]:
+def assistant_spans(
+    render: Any, messages: Sequence[dict[str, Any]], full: str
+) -> list[tuple[int, int]]:
     """Character spans [start, end) of each assistant reply in `full` (the rendering of the
     whole conversation); see the module docstring."""
     spans: list[tuple[int, int]] = []
@@ -282,7 +301,7 @@ def assistant_spans(render: Any, messages: Sequence[dict[str, Any]], full: str
         span = None
         if i > 0:
             before = render(list(messages[:i]), True)
-            through = render(list(messages[:i + 1]), False)
+            through = render(list(messages[: i + 1]), False)
             end = len(through.rstrip())
             if full.startswith(through) and through.startswith(before) and end >= len(before):
                 span = (len(before), end)
@@ -306,7 +325,7 @@ def _chatml_span(full: str, k: int) -> tuple[int, int]:
 
 
 def _starts_with(ids: np.ndarray, prefix: np.ndarray) -> bool:
-    return len(prefix) <= len(ids) and bool(np.array_equal(ids[:len(prefix)], prefix))
+    return len(prefix) <= len(ids) and bool(np.array_equal(ids[: len(prefix)], prefix))
 
 
 def _replace_images(messages: list[dict[str, Any]], stand_in: Any) -> list[dict[str, Any]]:
@@ -314,8 +333,10 @@ def _replace_images(messages: list[dict[str, Any]], stand_in: Any) -> list[dict[
     for message in messages:
         content = message["content"]
         if isinstance(content, list):
-            content = [{**item, "image": stand_in} if item.get("type") == "image" else item
-                       for item in content]
+            content = [
+                {**item, "image": stand_in} if item.get("type") == "image" else item
+                for item in content
+            ]
         out.append({**message, "content": content})
     return out
 
@@ -340,8 +361,13 @@ def _media(messages: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
             if item.get("type") == "image":
                 images.append(item["image"])
             elif item.get("type") == "video":
-                videos.append({"video": item["video"], "fps": item.get("fps"),
-                               "num_frames": item.get("num_frames", item.get("nframes"))})
+                videos.append(
+                    {
+                        "video": item["video"],
+                        "fps": item.get("fps"),
+                        "num_frames": item.get("num_frames", item.get("nframes")),
+                    }
+                )
     return images, videos
 
 
@@ -369,8 +395,12 @@ def _processor_media(messages: list[dict[str, Any]]) -> Iterator[list[dict[str, 
         for message in messages:
             content = message["content"]
             if isinstance(content, list):
-                content = [{**item, item["type"]: ready(item["type"], item[item["type"]])}
-                           if item.get("type") in ("image", "video") else item for item in content]
+                content = [
+                    {**item, item["type"]: ready(item["type"], item[item["type"]])}
+                    if item.get("type") in ("image", "video")
+                    else item
+                    for item in content
+                ]
             out.append({**message, "content": content})
         yield out
     finally:

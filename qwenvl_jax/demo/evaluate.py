@@ -45,8 +45,9 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def predicted_box(answer: str, label: str, size: tuple[int, int], family: str = "qwen_vl"
-                  ) -> tuple[int, int, int, int] | None:
+def predicted_box(
+    answer: str, label: str, size: tuple[int, int], family: str = "qwen_vl"
+) -> tuple[int, int, int, int] | None:
     """The box the answer gives for `label` (else its first box), in pixels; None if none."""
     boxes = parse_boxes(answer, family, size)
     for name, box in boxes:
@@ -55,8 +56,9 @@ def predicted_box(answer: str, label: str, size: tuple[int, int], family: str = 
     return boxes[0][1] if boxes else None
 
 
-def score(item: dict[str, Any], answer: str, size: tuple[int, int], family: str = "qwen_vl"
-          ) -> dict[str, Any]:
+def score(
+    item: dict[str, Any], answer: str, size: tuple[int, int], family: str = "qwen_vl"
+) -> dict[str, Any]:
     """One question's result: the answer, whether it is right, and for grounding the box and
     its IoU."""
     if item["task"] == "ground":
@@ -68,8 +70,12 @@ def score(item: dict[str, Any], answer: str, size: tuple[int, int], family: str 
 
 def _conversation(image: Image.Image, question: str) -> list[dict[str, Any]]:
     # A PIL image: the v1 prompt then names it image1.png, as the training records do.
-    return [{"role": "user", "content": [{"type": "image", "image": image},
-                                         {"type": "text", "text": question}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": question}],
+        }
+    ]
 
 
 def decode_answer(processor: Any, token_ids: list[int], family: str) -> str:
@@ -82,8 +88,9 @@ def decode_answer(processor: Any, token_ids: list[int], family: str) -> str:
     return processor.decode(body)
 
 
-def answer_all(model: Any, processor: Any, split: Path, progress: bool = True
-               ) -> list[dict[str, Any]]:
+def answer_all(
+    model: Any, processor: Any, split: Path, progress: bool = True
+) -> list[dict[str, Any]]:
     """Every question of a held-out split (scenes.json) answered greedily, in batches of
     questions of one task; returns one record per question (scene index, item, result)."""
     from tqdm import tqdm
@@ -102,16 +109,20 @@ def answer_all(model: Any, processor: Any, split: Path, progress: bool = True
     for task in TASKS:
         todo = by_task.get(task, [])
         for i in range(0, len(todo), BATCH):
-            chunk = todo[i:i + BATCH]
+            chunk = todo[i : i + BATCH]
             # Full batches only, so every call reuses the compiled programs: pad with repeats.
             padded = chunk + [chunk[-1]] * (BATCH - len(chunk))
-            outs = generate(model, processor,
-                            [_conversation(images[k], item["q"]) for k, item in padded],
-                            max_new_tokens=MAX_NEW_TOKENS)
+            outs = generate(
+                model,
+                processor,
+                [_conversation(images[k], item["q"]) for k, item in padded],
+                max_new_tokens=MAX_NEW_TOKENS,
+            )
             for (k, item), out in zip(chunk, outs):
                 text = decode_answer(processor, out.token_ids, model.family)
-                records.append({"scene": k, "item": item,
-                                **score(item, text, images[k].size, model.family)})
+                records.append(
+                    {"scene": k, "item": item, **score(item, text, images[k].size, model.family)}
+                )
             bar.update(len(chunk))
     bar.close()
     return records
@@ -157,9 +168,15 @@ ROWS = (
 def format_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table (what the demo prints and the README shows)."""
     n = results.get("questions", {})
-    count = {"colour_accuracy": "colour", "shape_accuracy": "shape", "count_accuracy": "count",
-             "position_accuracy": "position", "caption_exact_match": "caption",
-             "grounding_miou": "ground", "grounding_acc_at_0.5": "ground"}
+    count = {
+        "colour_accuracy": "colour",
+        "shape_accuracy": "shape",
+        "count_accuracy": "count",
+        "position_accuracy": "position",
+        "caption_exact_match": "caption",
+        "grounding_miou": "ground",
+        "grounding_acc_at_0.5": "ground",
+    }
     lines = ["| task | questions | metric | held-out |", "| --- | ---: | --- | ---: |"]
     for name, key, metric in ROWS:
         value = results.get(key)
@@ -170,8 +187,9 @@ def format_table(results: dict[str, Any]) -> str:
         shown = "-" if value is None else f"{value:.3f}"
         lines.append(f"| {name} | {questions} | {metric} | {shown} |")
     if "minutes" in results:
-        lines.append(f"\n{results['minutes']:.1f} minutes in all (data, 3 training stages, "
-                     "evaluation).")
+        lines.append(
+            f"\n{results['minutes']:.1f} minutes in all (data, 3 training stages, evaluation)."
+        )
     return "\n".join(lines)
 
 
@@ -182,8 +200,9 @@ TEXT_H = 96
 PRED, TRUE = (230, 20, 20), (20, 20, 20)
 
 
-def draw_predictions(records: list[dict[str, Any]], split: Path, out: Path,
-                     n_images: int = 8, columns: int = 4) -> None:
+def draw_predictions(
+    records: list[dict[str, Any]], split: Path, out: Path, n_images: int = 8, columns: int = 4
+) -> None:
     """A grid of the first held-out images, each with its grounding boxes (predicted: red,
     true: thin black) and the questions' answers below (a wrong answer is marked with x)."""
     scenes = json.loads((split / "scenes.json").read_text())
@@ -223,8 +242,9 @@ def draw_predictions(records: list[dict[str, Any]], split: Path, out: Path,
     tmp.replace(out)
 
 
-def evaluate(model_dir: Path, split: Path, workdir: Path, family: str = "qwen_vl",
-             progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    model_dir: Path, split: Path, workdir: Path, family: str = "qwen_vl", progress: bool = True
+) -> dict[str, Any]:
     """Answer the held-out questions with the model in `model_dir`; write
     WORKDIR/predictions.jsonl and WORKDIR/predictions.png; return the metrics."""
     from qwenvl_jax.modeling import from_pretrained

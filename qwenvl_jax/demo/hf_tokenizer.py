@@ -14,9 +14,20 @@ from pathlib import Path
 
 # In Qwen2-VL's order after its 151,643 ranks (<|endoftext|> = 151643 ... <|video_pad|> = 151656).
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 )
 
 CHAT_TEMPLATE = (
@@ -39,8 +50,11 @@ CHAT_TEMPLATE = (
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table of byte-level BPE vocabularies."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -57,7 +71,7 @@ def merges_of(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2:
             continue
-        parts = [token[i:i + 1] for i in range(len(token))]
+        parts = [token[i : i + 1] for i in range(len(token))]
         while len(parts) > 2:
             best, where = None, -1
             for i in range(len(parts) - 1):
@@ -66,7 +80,7 @@ def merges_of(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
                     best, where = r, i
             if where < 0:
                 break
-            parts[where:where + 2] = [parts[where] + parts[where + 1]]
+            parts[where : where + 2] = [parts[where] + parts[where + 1]]
         if len(parts) == 2:
             merges.append((parts[0], parts[1]))
     return merges
@@ -86,15 +100,25 @@ def write_tokenizer_files(ranks: dict[bytes, int], folder: str | Path, pattern: 
     vocab = {text(token): rank for token, rank in ranks.items()}
     merges = [(text(a), text(b)) for a, b in merges_of(ranks)]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in SPECIAL_TOKENS])
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    )
     tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"model_max_length": 32768, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-              "padding_side": "right", "clean_up_tokenization_spaces": False}
+    config = {
+        "model_max_length": 32768,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "padding_side": "right",
+        "clean_up_tokenization_spaces": False,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "chat_template.json").write_text(
-        json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
+        json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n"
+    )

@@ -70,8 +70,9 @@ class DemoModelSize:
         if unknown:
             from qwenvl_jax.errors import ConfigError
 
-            raise ConfigError(f"unknown demo model size key {unknown[0]!r} (known: "
-                              f"{sorted(names)})")
+            raise ConfigError(
+                f"unknown demo model size key {unknown[0]!r} (known: {sorted(names)})"
+            )
         return cls(**d)
 
 
@@ -159,10 +160,14 @@ def _modern_config(size: DemoModelSize, n_ranks: int, family: str) -> dict:
     }
     vit_mlp = int(size.vit_width * size.vit_mlp_ratio)
     config = {
-        "architectures": [{"qwen2_vl": "Qwen2VLForConditionalGeneration",
-                           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                           "qwen3_vl": "Qwen3VLForConditionalGeneration",
-                           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}[family]],
+        "architectures": [
+            {
+                "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+            }[family]
+        ],
         "model_type": family,
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
@@ -173,28 +178,54 @@ def _modern_config(size: DemoModelSize, n_ranks: int, family: str) -> dict:
     if family in ("qwen2_vl", "qwen2_5_vl"):  # flat text keys, as the hub configs
         # M-RoPE sections (t, h, w) over the head_dim / 2 frequencies, as (16, 24, 24) of 64
         section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
-        config.update(text, rope_theta=1e6,
-                      rope_scaling={"type": "mrope", "mrope_section": section})
+        config.update(
+            text, rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": section}
+        )
         if family == "qwen2_vl":
-            vision.update(embed_dim=size.vit_width, hidden_size=size.hidden,
-                          mlp_ratio=size.vit_mlp_ratio, hidden_act="quick_gelu")
+            vision.update(
+                embed_dim=size.vit_width,
+                hidden_size=size.hidden,
+                mlp_ratio=size.vit_mlp_ratio,
+                hidden_act="quick_gelu",
+            )
         else:
-            vision.update(hidden_size=size.vit_width, out_hidden_size=size.hidden,
-                          intermediate_size=vit_mlp, hidden_act="silu", window_size=112,
-                          fullatt_block_indexes=[size.vit_layers - 1], tokens_per_second=2)
+            vision.update(
+                hidden_size=size.vit_width,
+                out_hidden_size=size.hidden,
+                intermediate_size=vit_mlp,
+                hidden_act="silu",
+                window_size=112,
+                fullatt_block_indexes=[size.vit_layers - 1],
+                tokens_per_second=2,
+            )
     else:
         hw = 5 * head_dim // 32  # as (24, 20, 20) of 64
-        text.update(rope_theta=5e5, rope_scaling={
-            "rope_type": "default", "mrope_interleaved": True,
-            "mrope_section": [head_dim // 2 - 2 * hw, hw, hw]})
+        text.update(
+            rope_theta=5e5,
+            rope_scaling={
+                "rope_type": "default",
+                "mrope_interleaved": True,
+                "mrope_section": [head_dim // 2 - 2 * hw, hw, hw],
+            },
+        )
         if family == "qwen3_vl_moe":
-            text.update(num_experts=size.experts, num_experts_per_tok=2,
-                        moe_intermediate_size=size.mlp // 2, decoder_sparse_step=1,
-                        mlp_only_layers=[], router_aux_loss_coef=0.001)
+            text.update(
+                num_experts=size.experts,
+                num_experts_per_tok=2,
+                moe_intermediate_size=size.mlp // 2,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                router_aux_loss_coef=0.001,
+            )
         grid = size.image_size // size.patch_size
-        vision.update(hidden_size=size.vit_width, out_hidden_size=size.hidden,
-                      intermediate_size=vit_mlp, hidden_act="gelu_pytorch_tanh",
-                      num_position_embeddings=grid * grid, deepstack_visual_indexes=[0])
+        vision.update(
+            hidden_size=size.vit_width,
+            out_hidden_size=size.hidden,
+            intermediate_size=vit_mlp,
+            hidden_act="gelu_pytorch_tanh",
+            num_position_embeddings=grid * grid,
+            deepstack_visual_indexes=[0],
+        )
         config.update(text_config=text, tie_word_embeddings=False)
     config["vision_config"] = vision
     return config
@@ -207,13 +238,22 @@ def _side_files(n_ranks: int, family: str, size: DemoModelSize) -> dict[str, dic
 
         pixels = size.image_size**2
         return {
-            "generation_config.json": {"do_sample": False, "eos_token_id": [eod + 2, eod],
-                                       "pad_token_id": eod, "max_new_tokens": 64},
+            "generation_config.json": {
+                "do_sample": False,
+                "eos_token_id": [eod + 2, eod],
+                "pad_token_id": eod,
+                "max_new_tokens": 64,
+            },
             "preprocessor_config.json": {
-                "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": pixels,
-                "max_pixels": pixels, "patch_size": size.patch_size, "temporal_patch_size": 2,
-                "merge_size": 2, "image_mean": list(OPENAI_CLIP_MEAN),
-                "image_std": list(OPENAI_CLIP_STD)},
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "min_pixels": pixels,
+                "max_pixels": pixels,
+                "patch_size": size.patch_size,
+                "temporal_patch_size": 2,
+                "merge_size": 2,
+                "image_mean": list(OPENAI_CLIP_MEAN),
+                "image_std": list(OPENAI_CLIP_STD),
+            },
         }
     return {
         "generation_config.json": {
@@ -230,8 +270,9 @@ def _side_files(n_ranks: int, family: str, size: DemoModelSize) -> dict[str, dic
     }
 
 
-def demo_init(params: dict[str, np.ndarray], seed: int = 0, image_grid: int = 0
-              ) -> dict[str, np.ndarray]:
+def demo_init(
+    params: dict[str, np.ndarray], seed: int = 0, image_grid: int = 0
+) -> dict[str, np.ndarray]:
     """The demo's initial values for a {dotted path: array} of a freshly built model (see the
     module docstring); other parameters (embeddings, norms, biases, resampler tables and
     queries, `visual.proj`) are kept, but for Qwen-VL's local start (`_local_start`, given the
@@ -252,8 +293,7 @@ def demo_init(params: dict[str, np.ndarray], seed: int = 0, image_grid: int = 0
     return out
 
 
-def _local_start(params: dict[str, np.ndarray], rng: np.random.Generator, image_grid: int
-                 ) -> None:
+def _local_start(params: dict[str, np.ndarray], rng: np.random.Generator, image_grid: int) -> None:
     """Qwen-VL: the resampler's query i starts out reading patch cell i, and each patch starts
     out with a code of its row plus one of its column (in place).
 
@@ -274,8 +314,12 @@ def _local_start(params: dict[str, np.ndarray], rng: np.random.Generator, image_
     if grid * grid != n_queries or side % grid or image_grid != grid:
         return
     quarter = dim // 4
-    channels = [half + part + j for half in (0, 2 * quarter) for part in (0, quarter)
-                for j in range(LOCAL_CHANNELS)]
+    channels = [
+        half + part + j
+        for half in (0, 2 * quarter)
+        for part in (0, quarter)
+        for j in range(LOCAL_CHANNELS)
+    ]
     for name in ("q_proj", "k_proj"):
         kernel = np.zeros((dim, dim), query.dtype)
         kernel[channels, channels] = LOCAL_GAIN
@@ -292,8 +336,13 @@ def _local_start(params: dict[str, np.ndarray], rng: np.random.Generator, image_
     params["visual.positional_embedding"] = full.reshape(side * side, width).astype(table.dtype)
 
 
-def write_initial_checkpoint(folder: str | Path, size: DemoModelSize, texts: list[str],
-                             seed: int = 0, family: str = "qwen_vl") -> Path:
+def write_initial_checkpoint(
+    folder: str | Path,
+    size: DemoModelSize,
+    texts: list[str],
+    seed: int = 0,
+    family: str = "qwen_vl",
+) -> Path:
     """Train the BPE ranks on `texts`, then write the random-weight checkpoint folder of
     `family` (all or nothing: built under a temporary name and renamed). Returns the folder."""
     from qwenvl_jax.config import from_hf
@@ -316,10 +365,15 @@ def write_initial_checkpoint(folder: str | Path, size: DemoModelSize, texts: lis
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, content in _side_files(len(ranks), family, size).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        params = demo_init(params_as_numpy(model), seed,
-                           image_grid=size.image_size // size.patch_size)
+        params = demo_init(
+            params_as_numpy(model), seed, image_grid=size.image_size // size.patch_size
+        )
         tensors = mapping_for(model_config).export_tensors(params)
         write_safetensors(tmp, tensors)
-    log.info("initial model: %d BPE ranks, vocab %d, written to %s", len(ranks),
-             config["vocab_size"], folder)
+    log.info(
+        "initial model: %d BPE ranks, vocab %d, written to %s",
+        len(ranks),
+        config["vocab_size"],
+        folder,
+    )
     return Path(folder)

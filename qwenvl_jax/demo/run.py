@@ -47,8 +47,10 @@ def load_demo_config(family: str) -> dict[str, Any]:
 
     path = DEMO_CONFIG_DIR / f"{family}.yaml"
     if not path.is_file():
-        raise ConfigError(f"no demo for family {family!r} (demo configs: "
-                          f"{sorted(p.stem for p in DEMO_CONFIG_DIR.glob('*.yaml'))})")
+        raise ConfigError(
+            f"no demo for family {family!r} (demo configs: "
+            f"{sorted(p.stem for p in DEMO_CONFIG_DIR.glob('*.yaml'))})"
+        )
     cfg = read_file(path)
     missing = sorted({"model", "data", "train", "stages"} - set(cfg))
     if missing:
@@ -80,8 +82,10 @@ def _check_settings(workdir: Path, settings: dict[str, Any]) -> None:
         before = json.loads(path.read_text())
         if before != settings:
             changed = sorted(k for k in settings if before.get(k) != settings[k])
-            raise InputError(f"{workdir} holds a demo run with other settings ({', '.join(changed)}"
-                             "); use another --workdir or delete it")
+            raise InputError(
+                f"{workdir} holds a demo run with other settings ({', '.join(changed)}"
+                "); use another --workdir or delete it"
+            )
     else:
         workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2) + "\n")
@@ -100,16 +104,18 @@ def _texts(jsonl: Path, family: str, image_size: int) -> list[str]:
             for message in json.loads(line)["messages"]:
                 for item in message["content"]:
                     if item.get("type") == "box":
-                        text = format_box(item["label"], item["box"], family,
-                                          (image_size, image_size))
+                        text = format_box(
+                            item["label"], item["box"], family, (image_size, image_size)
+                        )
                     else:
                         text = item.get("text") or ""
                     texts.append(_SPECIAL_TEXT.sub("\n", text))
     return texts
 
 
-def make_data(workdir: Path, cfg: dict[str, Any], family: str, scale: float, progress: bool
-              ) -> dict[str, Path]:
+def make_data(
+    workdir: Path, cfg: dict[str, Any], family: str, scale: float, progress: bool
+) -> dict[str, Path]:
     """The train and held-out splits (JSONL + images) and the train split's ArrayRecord shards."""
     from qwenvl_jax.data.arrayrecord import convert_jsonl
 
@@ -117,27 +123,42 @@ def make_data(workdir: Path, cfg: dict[str, Any], family: str, scale: float, pro
     size = cfg["model"].get("image_size", DemoModelSize().image_size)
     scene = dict(cfg["data"].get("scene", {}))
     repeat = cfg["data"].get("repeat")  # training weights; the held-out split asks each once
-    splits = {"train": (scaled(cfg["data"]["train_scenes"], scale, 8), 1, repeat),
-              "heldout": (scaled(cfg["data"]["heldout_scenes"], scale, 4), 2, None)}
+    splits = {
+        "train": (scaled(cfg["data"]["train_scenes"], scale, 8), 1, repeat),
+        "heldout": (scaled(cfg["data"]["heldout_scenes"], scale, 4), 2, None),
+    }
     for name, (n, seed, weights) in splits.items():
         if not (data / name / "scenes.json").is_file():
-            write_split(data / name, n, seed=seed, size=size, progress=progress,
-                        per_conversation=int(cfg["data"].get("per_conversation", 1)),
-                        tasks=tuple(cfg["data"].get("tasks", TASKS)), repeat=weights, **scene)
+            write_split(
+                data / name,
+                n,
+                seed=seed,
+                size=size,
+                progress=progress,
+                per_conversation=int(cfg["data"].get("per_conversation", 1)),
+                tasks=tuple(cfg["data"].get("tasks", TASKS)),
+                repeat=weights,
+                **scene,
+            )
     records = data / "train_records"
     if not (records / "metadata.json").is_file():
         from tqdm import tqdm
 
         bar = (lambda it: tqdm(it, desc="data: records", unit="sample")) if progress else None
-        stats = convert_jsonl(data / "train" / "data.jsonl", records, overwrite=True,
-                              metadata={"family": family, "source": "qwenvl_jax.demo"},
-                              progress=bar)
+        stats = convert_jsonl(
+            data / "train" / "data.jsonl",
+            records,
+            overwrite=True,
+            metadata={"family": family, "source": "qwenvl_jax.demo"},
+            progress=bar,
+        )
         log.info("train records: %s", stats.summary())
     return {"train": data / "train", "heldout": data / "heldout", "records": records}
 
 
-def train_stages(workdir: Path, cfg: dict[str, Any], init: Path, records: Path, scale: float,
-                 progress: bool) -> Path:
+def train_stages(
+    workdir: Path, cfg: dict[str, Any], init: Path, records: Path, scale: float, progress: bool
+) -> Path:
     """Stages 1, 2 and 3 with the real training loop; returns the last stage's model folder."""
     from qwenvl_jax.train.config import load_train_config
     from qwenvl_jax.train.loop import train
@@ -148,20 +169,33 @@ def train_stages(workdir: Path, cfg: dict[str, Any], init: Path, records: Path, 
         over = {**common, **cfg["stages"].get(stage, cfg["stages"].get(str(stage), {}))}
         steps = scaled(int(over.pop("steps")), scale)
         over["warmup_steps"] = min(int(over.get("warmup_steps", 0)), steps - 1)
-        items = [f"model={model}", f"stage={stage}", f"data.train={records}", f"steps={steps}",
-                 f"checkpoint_every={steps}", f"progress={json.dumps(progress)}"]
+        items = [
+            f"model={model}",
+            f"stage={stage}",
+            f"data.train={records}",
+            f"steps={steps}",
+            f"checkpoint_every={steps}",
+            f"progress={json.dumps(progress)}",
+        ]
         items += _overrides(over)
         train_cfg = load_train_config(None, items)
         status = train(train_cfg, workdir / f"stage{stage}")
         if status != 0:
-            raise InputError(f"stage {stage} stopped early (status {status}); run the demo "
-                             "again to resume")
+            raise InputError(
+                f"stage {stage} stopped early (status {status}); run the demo again to resume"
+            )
         model = workdir / f"stage{stage}" / "model"
     return model
 
 
-def run_demo(workdir: str | Path = "qwenvl_demo", family: str = "qwen_vl", *, scale: float = 1.0,
-             seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    workdir: str | Path = "qwenvl_demo",
+    family: str = "qwen_vl",
+    *,
+    scale: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Data, the initial model, three training stages and the held-out evaluation in
     `workdir`; returns the results (also written to WORKDIR/results.json)."""
     from qwenvl_jax.demo.evaluate import evaluate

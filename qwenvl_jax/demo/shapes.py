@@ -84,8 +84,13 @@ def _draw(draw: ImageDraw.ImageDraw, s: Shape) -> None:
         draw.polygon([((x1 + x2) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=fill, **line)
 
 
-def make_scene(rng: np.random.Generator, size: int = 112, max_shapes: int = 3, grid: int = 8,
-               cells: tuple[int, int] = (1, 2)) -> Scene:
+def make_scene(
+    rng: np.random.Generator,
+    size: int = 112,
+    max_shapes: int = 3,
+    grid: int = 8,
+    cells: tuple[int, int] = (1, 2),
+) -> Scene:
     """1..max_shapes shapes with distinct (colour, kind) pairs and boxes at least a cell apart.
 
     Corners lie on a grid x grid lattice (at 112 px and 8 cells: the 14 px patches of the ViT)
@@ -144,8 +149,12 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
         out.append(dict(task="ground", q=f"Where is {s.name}?", a=s.name, box=s.box))
     out.append(dict(task="count", q="How many shapes are there?", a=COUNT_WORDS[len(kinds)]))
     size = scene.image.size[0]
-    pairs = [(a, b) for a in scene.shapes for b in scene.shapes
-             if a is not b and abs(a.cx - b.cx) >= size / 8]
+    pairs = [
+        (a, b)
+        for a in scene.shapes
+        for b in scene.shapes
+        if a is not b and abs(a.cx - b.cx) >= size / 8
+    ]
     if pairs:
         sa, sb = pairs[int(rng.integers(len(pairs)))]
         side = "left" if sa.cx < sb.cx else "right"
@@ -154,8 +163,13 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
     # Kind before colour, in a random order: the caption ("a red circle") teaches finding a
     # shape by its colour; only this teaches finding it by its kind, which colour questions need.
     listed = [scene.shapes[k] for k in rng.permutation(len(scene.shapes))]
-    out.append(dict(task="list", q="List each shape and its colour.",
-                    a=", ".join(f"{s.kind} {s.colour}" for s in listed) + "."))
+    out.append(
+        dict(
+            task="list",
+            q="List each shape and its colour.",
+            a=", ".join(f"{s.kind} {s.colour}" for s in listed) + ".",
+        )
+    )
     return out
 
 
@@ -173,16 +187,26 @@ def to_messages(image_path: str, items: list[dict]) -> dict:
     messages = []
     for k, item in enumerate(items):
         user = first if k == 0 else [{"type": "text", "text": item["q"]}]
-        messages += [{"role": "user", "content": user},
-                     {"role": "assistant", "content": _answer(item)}]
+        messages += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _answer(item)},
+        ]
     return {"messages": messages, "tasks": [item["task"] for item in items]}
 
 
-def write_split(folder: str | Path, n_scenes: int, seed: int, size: int = 112,
-                per_conversation: int = 1, max_shapes: int = 3, grid: int = 8,
-                cells: tuple[int, int] = (1, 2),
-                tasks: tuple[str, ...] = TASKS, repeat: dict[str, int] | None = None,
-                progress: bool = False) -> Path:
+def write_split(
+    folder: str | Path,
+    n_scenes: int,
+    seed: int,
+    size: int = 112,
+    per_conversation: int = 1,
+    max_shapes: int = 3,
+    grid: int = 8,
+    cells: tuple[int, int] = (1, 2),
+    tasks: tuple[str, ...] = TASKS,
+    repeat: dict[str, int] | None = None,
+    progress: bool = False,
+) -> Path:
     """Render n_scenes pictures into folder/images and write folder/data.jsonl, one line per
     conversation: a scene's questions in a random order, `per_conversation` at a time (0: all
     of them in one conversation), and folder/scenes.json (the ground truth, for evaluation),
@@ -202,8 +226,9 @@ def write_split(folder: str | Path, n_scenes: int, seed: int, size: int = 112,
     rng = np.random.default_rng(seed)
     scenes = []
     with open(folder / "data.jsonl", "w") as f:
-        for i in tqdm(range(n_scenes), desc=f"data: {folder.name}", unit="scene",
-                      disable=not progress):
+        for i in tqdm(
+            range(n_scenes), desc=f"data: {folder.name}", unit="scene", disable=not progress
+        ):
             scene = make_scene(rng, size, max_shapes, grid, tuple(cells))
             rel = f"images/{i:05d}.png"
             scene.image.save(folder / rel)
@@ -213,9 +238,14 @@ def write_split(folder: str | Path, n_scenes: int, seed: int, size: int = 112,
             order = [item for item in order for _ in range(repeat.get(item["task"], 1))]
             step = per_conversation or len(order)
             for k in range(0, len(order), step):
-                f.write(json.dumps(to_messages(rel, order[k:k + step])) + "\n")
-            scenes.append({"image": rel, "items": items,
-                           "shapes": [dataclasses.asdict(s) for s in scene.shapes]})
+                f.write(json.dumps(to_messages(rel, order[k : k + step])) + "\n")
+            scenes.append(
+                {
+                    "image": rel,
+                    "items": items,
+                    "shapes": [dataclasses.asdict(s) for s in scene.shapes],
+                }
+            )
     tmp = folder / ".scenes.json.tmp"
     tmp.write_text(json.dumps(scenes))
     tmp.replace(folder / "scenes.json")

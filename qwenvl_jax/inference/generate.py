@@ -93,7 +93,7 @@ def left_pad(inputs: Mapping[str, Any], length: int, pad_id: int) -> dict[str, A
         new = np.full((B, length), fill, a.dtype)
         for b in range(B):
             row = a[b, valid[b]]
-            new[b, length - len(row):] = row
+            new[b, length - len(row) :] = row
         out[name] = new
     return out
 
@@ -107,8 +107,13 @@ def _signature(tree: Any) -> tuple:
     """Hashable structure, shapes, dtypes and shardings of a pytree of arrays."""
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple(
-        (np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x),
-         getattr(x, "sharding", None)) for x in leaves)
+        (
+            np.shape(x),
+            x.dtype if hasattr(x, "dtype") else np.result_type(x),
+            getattr(x, "sharding", None),
+        )
+        for x in leaves
+    )
 
 
 def _mesh_of(state: Any):
@@ -142,8 +147,16 @@ def prefill_logits(
     empty = KVCache.empty(model.config.text, B, cache_len, dtype)
     cache = KVCache(shard(empty.k, CACHE_AXES), shard(empty.v, CACHE_AXES), empty.segment_ids)
     kw = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
-    logits, cache, _ = model.forward(input_ids, segment_ids, position_ids, vision, cache=cache,
-                                     cache_index=0, ntk_alpha=ntk_alpha, **kw)
+    logits, cache, _ = model.forward(
+        input_ids,
+        segment_ids,
+        position_ids,
+        vision,
+        cache=cache,
+        cache_index=0,
+        ntk_alpha=ntk_alpha,
+        **kw,
+    )
     return logits[:, -1], cache
 
 
@@ -161,28 +174,71 @@ def decode_logits(
     B = tokens.shape[0]
     position_ids = jnp.broadcast_to(positions[None, :, None], (3, B, 1))
     segment_ids = jnp.ones((B, 1), jnp.int32)
-    logits, cache, _ = model.forward(tokens[:, None], segment_ids, position_ids, None, cache=cache,
-                                     cache_index=slot, ntk_alpha=ntk_alpha)
+    logits, cache, _ = model.forward(
+        tokens[:, None],
+        segment_ids,
+        position_ids,
+        None,
+        cache=cache,
+        cache_index=slot,
+        ntk_alpha=ntk_alpha,
+    )
     return logits[:, -1], cache
 
 
-def _prefill(state, input_ids, segment_ids, position_ids, vision, seed, temperature, top_k, top_p,
-             *, graphdef, mode: SamplingMode, ntk_alpha: float, cache_len: int):
+def _prefill(
+    state,
+    input_ids,
+    segment_ids,
+    position_ids,
+    vision,
+    seed,
+    temperature,
+    top_k,
+    top_p,
+    *,
+    graphdef,
+    mode: SamplingMode,
+    ntk_alpha: float,
+    cache_len: int,
+):
     """prefill_logits, then the first new token int32[B]."""
     model = nnx.merge(graphdef, state)
-    logits, cache = prefill_logits(model, input_ids, segment_ids, position_ids, vision,
-                                   cache_len=cache_len, ntk_alpha=ntk_alpha)
+    logits, cache = prefill_logits(
+        model,
+        input_ids,
+        segment_ids,
+        position_ids,
+        vision,
+        cache_len=cache_len,
+        ntk_alpha=ntk_alpha,
+    )
     key = jax.random.fold_in(jax.random.key(seed), 0)
     return sample(logits, key, mode, temperature, top_k, top_p), cache
 
 
-def _decode(state, cache, tokens, next_position, first_slot, step, seed, temperature, top_k,
-            top_p, *, graphdef, mode: SamplingMode, ntk_alpha: float):
+def _decode(
+    state,
+    cache,
+    tokens,
+    next_position,
+    first_slot,
+    step,
+    seed,
+    temperature,
+    top_k,
+    top_p,
+    *,
+    graphdef,
+    mode: SamplingMode,
+    ntk_alpha: float,
+):
     """Decode step `step`: feed each sequence's step-th new token at slot first_slot + step,
     position next_position + step; returns (the next token int32[B], the cache)."""
     model = nnx.merge(graphdef, state)
-    logits, cache = decode_logits(model, cache, tokens, next_position + step, first_slot + step,
-                                  ntk_alpha=ntk_alpha)
+    logits, cache = decode_logits(
+        model, cache, tokens, next_position + step, first_slot + step, ntk_alpha=ntk_alpha
+    )
     key = jax.random.fold_in(jax.random.key(seed), step + 1)
     return sample(logits, key, mode, temperature, top_k, top_p), cache
 
@@ -204,7 +260,7 @@ class _TextStream:
         text = self.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        delta = text[len(self.text) :] if text.startswith(self.text) else ""
         self.text = text
         return delta
 
@@ -254,11 +310,17 @@ class Generator:
         longest = int(lengths.max())
         limit = int(model.config.text.max_position_embeddings)
         if longest >= limit:
-            raise InputError(f"the prompt is {longest} tokens long; this model allows at most "
-                             f"{limit - 1} (max_position_embeddings {limit})")
+            raise InputError(
+                f"the prompt is {longest} tokens long; this model allows at most "
+                f"{limit - 1} (max_position_embeddings {limit})"
+            )
         if longest + max_new_tokens > limit:
-            log.warning("max_new_tokens cut from %d to %d by max_position_embeddings %d",
-                        max_new_tokens, limit - longest, limit)
+            log.warning(
+                "max_new_tokens cut from %d to %d by max_position_embeddings %d",
+                max_new_tokens,
+                limit - longest,
+                limit,
+            )
             max_new_tokens = limit - longest
         P, N = length_bucket(longest), length_bucket(max_new_tokens, minimum=32)
         text = model.config.text
@@ -269,8 +331,11 @@ class Generator:
             pad_id = (list(getattr(processor, "eos_token_ids", [])) or [0])[0]
         inputs = left_pad(inputs, P, int(pad_id))
         kw = {k: v for k, v in inputs.items() if _accepts(model.prepare, k)}
-        patches = sum(int(np.prod(np.asarray(inputs[g]), axis=-1).sum())
-                      for g in ("image_grid_thw", "video_grid_thw") if inputs.get(g) is not None)
+        patches = sum(
+            int(np.prod(np.asarray(inputs[g]), axis=-1).sum())
+            for g in ("image_grid_thw", "video_grid_thw")
+            if inputs.get(g) is not None
+        )
         if patches and _accepts(model.prepare, "patch_bucket"):
             kw["patch_bucket"] = patch_count_bucket(patches)
         return Prepared(model.prepare(**kw), inputs, lengths, P, N, max_new_tokens)
@@ -298,21 +363,34 @@ class Generator:
 
         graphdef, state = nnx.split(model)
         mode = SamplingMode.of(temperature, top_k, top_p)
-        knobs = (np.uint32(seed % 2**32), np.float32(max(temperature, 1e-6)), np.int32(top_k),
-                 np.float32(top_p))
+        knobs = (
+            np.uint32(seed % 2**32),
+            np.float32(max(temperature, 1e-6)),
+            np.int32(top_k),
+            np.float32(top_p),
+        )
         ntk = float(x.ntk_alpha)
         prefill_args = (state, x.input_ids, x.segment_ids, x.position_ids, x.vision, *knobs)
         with use_mesh(_mesh_of(state)):
             prefill, compile_s = self._program(
-                _prefill, dict(graphdef=graphdef, mode=mode, ntk_alpha=ntk, cache_len=P + N),
-                prefill_args)
+                _prefill,
+                dict(graphdef=graphdef, mode=mode, ntk_alpha=ntk, cache_len=P + N),
+                prefill_args,
+            )
             tokens_aval, cache_aval = prefill.out_info
             next_position = np.asarray(x.next_position, np.int32)
-            decode_args = (state, cache_aval, tokens_aval, next_position, np.int32(P),
-                           np.int32(0), *knobs)
+            decode_args = (
+                state,
+                cache_aval,
+                tokens_aval,
+                next_position,
+                np.int32(P),
+                np.int32(0),
+                *knobs,
+            )
             decode, seconds = self._program(
-                _decode, dict(graphdef=graphdef, mode=mode, ntk_alpha=ntk), decode_args,
-                donate=(1,))
+                _decode, dict(graphdef=graphdef, mode=mode, ntk_alpha=ntk), decode_args, donate=(1,)
+            )
         compile_s += seconds
 
         stop = set(int(t) for t in getattr(processor, "eos_token_ids", []) or [])
@@ -331,8 +409,9 @@ class Generator:
         step, first_at = 0, start
         while True:
             if step + 1 < max_new_tokens:  # queue the next step before waiting on this one
-                next_dev, cache = decode(state, cache, token_dev, next_position, np.int32(P),
-                                         np.int32(step), *knobs)
+                next_dev, cache = decode(
+                    state, cache, token_dev, next_position, np.int32(P), np.int32(step), *knobs
+                )
             tokens = np.asarray(token_dev)
             if step == 0:
                 first_at = time.perf_counter()
@@ -362,15 +441,17 @@ class Generator:
             ids = new[b]
             text = processor.decode(ids[:-1] if ids and ids[-1] in stop else ids)
             if streams is not None and text.startswith(streams[b].text):
-                emit(b, text[len(streams[b].text):])  # what an incomplete character held back
+                emit(b, text[len(streams[b].text) :])  # what an incomplete character held back
             outputs.append(GenerateOutput(text, list(ids), int(lengths[b]), dict(timings)))
         return outputs
 
 
 def _as_batch(messages: Any) -> tuple[list, bool]:
     if isinstance(messages, str) or not isinstance(messages, Sequence) or not messages:
-        raise InputError("messages must be a conversation (a list of {'role', 'content'} dicts) "
-                         "or a list of conversations")
+        raise InputError(
+            "messages must be a conversation (a list of {'role', 'content'} dicts) "
+            "or a list of conversations"
+        )
     if isinstance(messages[0], Mapping):
         return [list(messages)], False
     return [list(c) for c in messages], True
@@ -405,7 +486,14 @@ def generate(
         raise InputError(f"top_k must be >= 0, got {top_k!r}")
     conversations, batched = _as_batch(messages_or_batch)
     outputs = Generator.for_model(model).generate(
-        processor, conversations, max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), seed=int(seed),
-        stream=stream, batched=batched)
+        processor,
+        conversations,
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        seed=int(seed),
+        stream=stream,
+        batched=batched,
+    )
     return outputs if batched else outputs[0]

@@ -41,10 +41,16 @@ def _e(hub: str, kind: str, *ours: str) -> Entry:
 _LM = "language_model.layers.{i}"
 LLM_LAYER = (
     _e("transformer.h.{i}.ln_1.weight", SAME, f"{_LM}.input_layernorm.weight"),
-    _e("transformer.h.{i}.attn.c_attn.weight", SPLIT_T, *(f"{_LM}.self_attn.{n}_proj.kernel"
-                                                         for n in "qkv")),
-    _e("transformer.h.{i}.attn.c_attn.bias", SPLIT, *(f"{_LM}.self_attn.{n}_proj.bias"
-                                                      for n in "qkv")),
+    _e(
+        "transformer.h.{i}.attn.c_attn.weight",
+        SPLIT_T,
+        *(f"{_LM}.self_attn.{n}_proj.kernel" for n in "qkv"),
+    ),
+    _e(
+        "transformer.h.{i}.attn.c_attn.bias",
+        SPLIT,
+        *(f"{_LM}.self_attn.{n}_proj.bias" for n in "qkv"),
+    ),
     _e("transformer.h.{i}.attn.c_proj.weight", T, f"{_LM}.self_attn.o_proj.kernel"),
     _e("transformer.h.{i}.ln_2.weight", SAME, f"{_LM}.post_attention_layernorm.weight"),
     _e("transformer.h.{i}.mlp.w1.weight", T, f"{_LM}.mlp.up_proj.kernel"),
@@ -119,13 +125,13 @@ class V1Mapping(Mapping):
         ]
         every = (EMBED, FINAL_NORM, LM_HEAD, *LLM_LAYER, *VIT_STEM, *VIT_BLOCK, *RESAMPLER)
         self._import: list[tuple[re.Pattern, Entry]] = [
-            (re.compile("^" + re.escape(e.hub).replace(r"\{i\}", r"(\d+)") + "$"), e)
-            for e in every
+            (re.compile("^" + re.escape(e.hub).replace(r"\{i\}", r"(\d+)") + "$"), e) for e in every
         ]
 
     # ------------------------------------------------------------------ checkpoint -> params
-    def import_tensor(self, key: str, array: np.ndarray, target_shape: Callable[[str], tuple]
-                      ) -> list[tuple[str, np.ndarray]]:
+    def import_tensor(
+        self, key: str, array: np.ndarray, target_shape: Callable[[str], tuple]
+    ) -> list[tuple[str, np.ndarray]]:
         for pattern, entry in self._import:
             m = pattern.match(key)
             if m is None:
@@ -138,7 +144,8 @@ class V1Mapping(Mapping):
                 if tuple(part.shape) != expected:
                     raise CheckpointError(
                         f"checkpoint tensor {key!r} of shape {tuple(array.shape)} does not fit "
-                        f"parameter {path} of shape {expected}")
+                        f"parameter {path} of shape {expected}"
+                    )
             return out
         raise CheckpointError(f"checkpoint key {key!r} maps to no parameter of qwen_vl")
 
@@ -151,8 +158,9 @@ class V1Mapping(Mapping):
         if kind == CONV:
             return [a.reshape(a.shape[0], -1).T]
         if a.shape[0] % n:
-            raise CheckpointError(f"checkpoint tensor {key!r} of shape {a.shape} does not pack "
-                                  f"{n} equal q/k/v blocks")
+            raise CheckpointError(
+                f"checkpoint tensor {key!r} of shape {a.shape} does not pack {n} equal q/k/v blocks"
+            )
         blocks = np.split(a, n, axis=0)
         return [b.T for b in blocks] if kind == SPLIT_T else blocks
 
@@ -166,8 +174,9 @@ class V1Mapping(Mapping):
                 paths = [_fill(p, i) for p in entry.ours]
                 missing = [p for p in paths if p not in params]
                 if missing:
-                    raise CheckpointError(f"parameter {missing[0]} is missing (needed for "
-                                          f"{_fill(entry.hub, i)})")
+                    raise CheckpointError(
+                        f"parameter {missing[0]} is missing (needed for {_fill(entry.hub, i)})"
+                    )
                 used.update(paths)
                 parts = [np.asarray(params[p]) for p in paths]
                 yield _fill(entry.hub, i), np.ascontiguousarray(self._to_hub(entry.kind, parts))

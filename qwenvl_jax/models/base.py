@@ -19,8 +19,15 @@ from qwenvl_jax.sharding import shard
 
 
 class VisionLanguageModel(nnx.Module):
-    def __init__(self, config: ModelConfig, visual: nnx.Module, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        visual: nnx.Module,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs | None,
+    ):
         self.config = config
         self.family = config.family
         self.dtype = dtype
@@ -28,8 +35,11 @@ class VisionLanguageModel(nnx.Module):
         self.visual = visual
         self.language_model = TextModel(config.text, **kw)
         t = config.text
-        self.lm_head = None if t.tie_word_embeddings else Linear(
-            t.hidden_size, t.vocab_size, axes=("embed", "vocab"), **kw)
+        self.lm_head = (
+            None
+            if t.tie_word_embeddings
+            else Linear(t.hidden_size, t.vocab_size, axes=("embed", "vocab"), **kw)
+        )
 
     def embed(self, input_ids: jax.Array, vision: Any) -> tuple[jax.Array, jax.Array | None]:
         """(token embeddings float[B, T, D] with the vision features written in, DeepStack
@@ -63,8 +73,15 @@ class VisionLanguageModel(nnx.Module):
         logits_to_keep = n > 0, the logits of the last n positions only."""
         x, deepstack = self.embed(input_ids, vision)
         hidden, cache, router = self.language_model(
-            x, position_ids, segment_ids, slots=slots, cache=cache, cache_index=cache_index,
-            deepstack=deepstack, ntk_alpha=ntk_alpha)
+            x,
+            position_ids,
+            segment_ids,
+            slots=slots,
+            cache=cache,
+            cache_index=cache_index,
+            deepstack=deepstack,
+            ntk_alpha=ntk_alpha,
+        )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.logits(hidden), cache, router

@@ -38,8 +38,10 @@ def image_spans(input_ids: np.ndarray, start_id: int, queries: int) -> list[tupl
     for b, t in zip(*np.nonzero(ids == start_id)):
         close = t + queries + 1
         if close >= ids.shape[1] or ids[b, close] != end_id:
-            raise InputError(f"<img> at position {t} of row {b} is not followed by {queries} "
-                             "image positions and </img> (a truncated or malformed prompt?)")
+            raise InputError(
+                f"<img> at position {t} of row {b} is not followed by {queries} "
+                "image positions and </img> (a truncated or malformed prompt?)"
+            )
         spans.append((int(b), int(t)))
     n_end = int(np.sum(ids == end_id))
     if n_end != len(spans):
@@ -47,8 +49,9 @@ def image_spans(input_ids: np.ndarray, start_id: int, queries: int) -> list[tupl
     return spans
 
 
-def splice_images(embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
-                  start_id: int) -> jax.Array:
+def splice_images(
+    embeds: jax.Array, input_ids: jax.Array, features: jax.Array, start_id: int
+) -> jax.Array:
     """Write image k's features at the `Q` positions after the k-th `<img>` (row-major over the
     batch). embeds float[B, T, D]; input_ids int[B, T]; features float[n, Q, D] (extra padding
     images are never read)."""
@@ -72,23 +75,37 @@ def _bucket(n: int) -> int:
 class QwenVLV1ForCausalLM(VisionLanguageModel):
     """`QWenLMHeadModel` of the original remote code, on the shared decoder."""
 
-    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
-        visual = VisionTransformerV1(config.vision, dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
+        visual = VisionTransformerV1(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         super().__init__(config, visual, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, **ignored: Any
-                 ) -> jax.Array:
+    def __call__(
+        self, input_ids, attention_mask=None, pixel_values=None, **ignored: Any
+    ) -> jax.Array:
         """Logits float[B, T, vocab] for input_ids int[B, T], attention_mask int[B, T] (1 = token,
         0 = padding) and pixel_values float[n_images, 3, 448, 448]: `prepare` on the host, then
         `forward`, compiled once per input shape. Other processor outputs are ignored."""
         x = self.prepare(input_ids, attention_mask, pixel_values)
-        return jitted_logits(self, x.input_ids, x.segment_ids, x.position_ids, x.vision,
-                              x.ntk_alpha)
+        return jitted_logits(
+            self, x.input_ids, x.segment_ids, x.position_ids, x.vision, x.ntk_alpha
+        )
 
-    def prepare(self, input_ids, attention_mask=None, pixel_values=None, *,
-                image_bucket: int | None = None, **ignored: Any) -> ModelInputs:
+    def prepare(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        *,
+        image_bucket: int | None = None,
+        **ignored: Any,
+    ) -> ModelInputs:
         """Host-side preparation: checks the image spans, pads pixel_values with all-zero images
         to `image_bucket` images (default: the next power of two) so that jitted callers compile
         once per bucket, and computes the slot positions (arange(T) on the 3 rows, less the
@@ -109,11 +126,14 @@ class QwenVLV1ForCausalLM(VisionLanguageModel):
             pixels = np.asarray(pixel_values, dtype=np.float32)
             expected = (3, vcfg.image_size, vcfg.image_size)
             if pixels.ndim != 4 or pixels.shape[1:] != expected:
-                raise InputError(f"pixel_values must be float[n, {', '.join(map(str, expected))}]"
-                                 f", got shape {pixels.shape}")
+                raise InputError(
+                    f"pixel_values must be float[n, {', '.join(map(str, expected))}]"
+                    f", got shape {pixels.shape}"
+                )
             if pixels.shape[0] != n:
-                raise InputError(f"the prompt has {n} image(s) but pixel_values holds "
-                                 f"{pixels.shape[0]}")
+                raise InputError(
+                    f"the prompt has {n} image(s) but pixel_values holds {pixels.shape[0]}"
+                )
             size = max(image_bucket or _bucket(n), n)
             vision = np.concatenate([pixels, np.zeros((size - n, *expected), np.float32)])
         # Positions by slot, counted from the first column that holds a token in some row: the
@@ -124,11 +144,16 @@ class QwenVLV1ForCausalLM(VisionLanguageModel):
         positions = np.broadcast_to(slots, (3, B, T)).copy()
         t = self.config.text
         alpha = float(ntk_alpha(T - shift, t.seq_length)) if t.use_dynamic_ntk else 1.0
-        return ModelInputs(ids.astype(np.int32), mask.astype(np.int32), positions, vision,
-                           np.full((B,), T - shift, np.int32), alpha)
+        return ModelInputs(
+            ids.astype(np.int32),
+            mask.astype(np.int32),
+            positions,
+            vision,
+            np.full((B,), T - shift, np.int32),
+            alpha,
+        )
 
-    def embed(self, input_ids: jax.Array, vision: jax.Array | None
-              ) -> tuple[jax.Array, None]:
+    def embed(self, input_ids: jax.Array, vision: jax.Array | None) -> tuple[jax.Array, None]:
         """Token embeddings float[B, T, D] with the image features spliced in (no DeepStack)."""
         x = self.language_model.embed_tokens(input_ids)
         if vision is None:

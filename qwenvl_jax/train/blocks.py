@@ -53,14 +53,18 @@ def _remat_class(cls: type, policy: str) -> type:
 
         return jax.checkpoint(run, policy=checkpoint_policy, prevent_cse=True)(state, arrays)
 
-    return type(f"Remat{cls.__name__}", (cls,), {"__call__": __call__,
-                                                "__module__": cls.__module__})
+    return type(
+        f"Remat{cls.__name__}", (cls,), {"__call__": __call__, "__module__": cls.__module__}
+    )
 
 
 def blocks_of(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
     """(path, module) of every transformer block: items of a `layers`/`blocks`/`resblocks` list."""
-    return [(path, m) for path, m in nnx.iter_modules(model)
-            if len(path) >= 2 and isinstance(path[-1], int) and path[-2] in BLOCK_LISTS]
+    return [
+        (path, m)
+        for path, m in nnx.iter_modules(model)
+        if len(path) >= 2 and isinstance(path[-1], int) and path[-2] in BLOCK_LISTS
+    ]
 
 
 def apply_remat(model: nnx.Module, policy: str) -> int:
@@ -82,12 +86,29 @@ def apply_remat(model: nnx.Module, policy: str) -> int:
 class ScannedTextModel(TextModel):
     """TextModel whose no-cache forward scans runs of identical layers (see the module doc)."""
 
-    def __call__(self, embeds, position_ids, segment_ids, *, slots=None, cache=None,
-                 cache_index=None, deepstack=None, ntk_alpha: float = 1.0):
+    def __call__(
+        self,
+        embeds,
+        position_ids,
+        segment_ids,
+        *,
+        slots=None,
+        cache=None,
+        cache_index=None,
+        deepstack=None,
+        ntk_alpha: float = 1.0,
+    ):
         if cache is not None:
-            return super().__call__(embeds, position_ids, segment_ids, slots=slots, cache=cache,
-                                    cache_index=cache_index, deepstack=deepstack,
-                                    ntk_alpha=ntk_alpha)
+            return super().__call__(
+                embeds,
+                position_ids,
+                segment_ids,
+                slots=slots,
+                cache=cache,
+                cache_index=cache_index,
+                deepstack=deepstack,
+                ntk_alpha=ntk_alpha,
+            )
         B, T, _ = embeds.shape
         x = shard(embeds.astype(self.dtype), ("batch", "length", "act_embed"))
         angles = self.rope(position_ids, ntk_alpha)
@@ -105,13 +126,15 @@ class ScannedTextModel(TextModel):
                 router += [] if rl is None else [rl]
                 continue
             graphdef = nnx.graphdef(self.layers[lo])
-            stacked = jax.tree.map(lambda *a: jnp.stack(a),
-                                   *[nnx.state(self.layers[i]) for i in range(lo, hi)])
+            stacked = jax.tree.map(
+                lambda *a: jnp.stack(a), *[nnx.state(self.layers[i]) for i in range(lo, hi)]
+            )
 
             def body(x, xs, graphdef=graphdef):
                 state, d = xs
-                x, _, rl = nnx.merge(graphdef, state)(x, angles, segment_ids, slots, None, None,
-                                                      start)
+                x, _, rl = nnx.merge(graphdef, state)(
+                    x, angles, segment_ids, slots, None, None, start
+                )
                 if d is not None:
                     x = x + d.astype(x.dtype)
                 return x, rl
@@ -146,8 +169,10 @@ def apply_scan(model: nnx.Module) -> int:
 
 def configure(model: nnx.Module, remat: str = "none", scan_layers: bool = False) -> dict[str, Any]:
     """Apply the run's remat policy and layer scanning; returns what was changed (for the log)."""
-    return {"remat_blocks": apply_remat(model, remat),
-            "scanned_decoders": apply_scan(model) if scan_layers else 0}
+    return {
+        "remat_blocks": apply_remat(model, remat),
+        "scanned_decoders": apply_scan(model) if scan_layers else 0,
+    }
 
 
 __all__ = ["POLICIES", "ScannedTextModel", "apply_remat", "apply_scan", "blocks_of", "configure"]

@@ -30,18 +30,22 @@ class Checkpoints:
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, frozen: Any, data_state: Any, meta: dict,
-             *, wait: bool = False) -> None:
+    def save(
+        self, step: int, state: Any, frozen: Any, data_state: Any, meta: dict, *, wait: bool = False
+    ) -> None:
         """Start saving (returns once the arrays are off the devices, unless `wait`)."""
-        items = dict(state=ocp.args.StandardSave(state),
-                     data=ocp.args.JsonSave({"iterator": data_state}),
-                     meta=ocp.args.JsonSave(meta))
+        items = dict(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"iterator": data_state}),
+            meta=ocp.args.JsonSave(meta),
+        )
         if jax.tree.leaves(frozen):  # stage 2 trains everything: nothing frozen to save
             items["frozen"] = ocp.args.StandardSave(frozen)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -54,12 +58,16 @@ class Checkpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return out["meta"]
 
-    def restore(self, step: int, abstract_state: Any, abstract_frozen: Any
-                ) -> tuple[Any, Any, Any, dict]:
+    def restore(
+        self, step: int, abstract_state: Any, abstract_frozen: Any
+    ) -> tuple[Any, Any, Any, dict]:
         """(state, frozen, data iterator state, meta) of checkpoint `step`, each array read
         straight into the sharding of its abstract target."""
-        items = dict(state=ocp.args.StandardRestore(abstract_state),
-                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        items = dict(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        )
         has_frozen = bool(jax.tree.leaves(abstract_frozen))
         if has_frozen:
             items["frozen"] = ocp.args.StandardRestore(abstract_frozen)

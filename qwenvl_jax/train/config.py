@@ -259,8 +259,9 @@ def _regex_table(name: str, v: Any, shape: str, value: Any) -> tuple[tuple[str, 
 
 def _freeze_action(pattern: str, action: Any) -> str:
     if str(action) not in ("train", "freeze"):
-        raise ConfigError(f"freeze: action of {pattern!r} must be train or freeze, not "
-                          f"{str(action)!r}")
+        raise ConfigError(
+            f"freeze: action of {pattern!r} must be train or freeze, not {str(action)!r}"
+        )
     return str(action)
 
 
@@ -268,11 +269,14 @@ def _lr_factor(pattern: str, raw: Any) -> float:
     try:
         factor = float(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"lr_scale: factor of {pattern!r} must be a number, "
-                          f"not {raw!r}") from None
+        raise ConfigError(
+            f"lr_scale: factor of {pattern!r} must be a number, not {raw!r}"
+        ) from None
     if not (math.isfinite(factor) and factor > 0):
-        raise ConfigError(f"lr_scale: factor of {pattern!r} must be > 0 (freeze a part "
-                          f"with the freeze table), got {raw!r}")
+        raise ConfigError(
+            f"lr_scale: factor of {pattern!r} must be > 0 (freeze a part "
+            f"with the freeze table), got {raw!r}"
+        )
     return factor
 
 
@@ -283,8 +287,16 @@ def validate(cfg: TrainConfig) -> None:
 
     if cfg.stage not in (1, 2, 3):
         raise ConfigError(f"stage must be 1, 2 or 3, got {cfg.stage}")
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every",
-                 "keep_checkpoints", "log_every", "plot_every"):
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "plot_every",
+    ):
         positive(name, getattr(cfg, name))
     positive("learning_rate", cfg.learning_rate, allow_zero=True)
     positive("warmup_steps", cfg.warmup_steps, allow_zero=True)

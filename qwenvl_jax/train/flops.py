@@ -65,11 +65,17 @@ def v1_vision_forward_flops(v: V1VisionConfig, images: int) -> float:
     """Qwen-VL v1 ViT + resampler forward FLOPs for `images` pictures."""
     W, D, Q = v.width, v.output_dim, v.n_queries
     n = v.grid**2
-    vit = n * (2 * 3 * v.patch_size**2 * W
-               + v.layers * (2 * W * 3 * W + 2 * W * W + 4 * W * v.mlp_width)) \
+    vit = (
+        n
+        * (
+            2 * 3 * v.patch_size**2 * W
+            + v.layers * (2 * W * 3 * W + 2 * W * W + 4 * W * v.mlp_width)
+        )
         + 4 * W * n * n * v.layers
-    resampler = n * 2 * W * D + n * 2 * D * 2 * D + Q * 2 * D * 2 * D + 4 * D * Q * n \
-        + Q * 2 * D * D
+    )
+    resampler = (
+        n * 2 * W * D + n * 2 * D * 2 * D + Q * 2 * D * 2 * D + 4 * D * Q * n + Q * 2 * D * D
+    )
     return images * (vit + resampler)
 
 

@@ -25,8 +25,12 @@ def path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def first_match(paths: Iterable[str], patterns: Sequence[str], table: str,
-                scope: str = "parameter of this model") -> dict[str, int | None]:
+def first_match(
+    paths: Iterable[str],
+    patterns: Sequence[str],
+    table: str,
+    scope: str = "parameter of this model",
+) -> dict[str, int | None]:
     """{path: index of the first pattern that fully matches it, or None}. A pattern that matches
     none of `paths` (a typo, or a table written for another family) is an error naming `table`
     and `scope`."""
@@ -77,8 +81,9 @@ def _fixed_paths(model: nnx.Module) -> set[str]:
     return {path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, FrozenParam))}
 
 
-def split_trainable(model: nnx.Module, table: Sequence[tuple[str, str]]
-                    ) -> tuple[nnx.GraphDef, nnx.State, nnx.State, dict[str, bool]]:
+def split_trainable(
+    model: nnx.Module, table: Sequence[tuple[str, str]]
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State, dict[str, bool]]:
     """(graphdef, trainable state, everything else, the mask) for a freeze table."""
     mask = trainable_mask(param_paths(model), table)
     for path in _fixed_paths(model):
@@ -93,8 +98,10 @@ def split_trainable(model: nnx.Module, table: Sequence[tuple[str, str]]
 
 def summary(model: nnx.Module, mask: dict[str, bool]) -> dict[str, int]:
     """Parameter counts: {"trainable": n, "frozen": m}."""
-    sizes = {path_str(p): int(np.prod(v.shape))
-             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    sizes = {
+        path_str(p): int(np.prod(v.shape))
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     out = {"trainable": 0, "frozen": 0}
     for path, n in sizes.items():
         out["trainable" if mask[path] else "frozen"] += n

@@ -49,13 +49,16 @@ def run_mesh(mc: MeshConfig, devices: list | None = None) -> jax.sharding.Mesh:
             raise ConfigError(f"mesh {mc} does not divide the {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // fixed
     if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(f"mesh {dict(zip(('data', 'fsdp', 'tensor', 'expert'), sizes))} "
-                          f"needs {int(np.prod(sizes))} devices, {len(devices)} available")
+        raise ConfigError(
+            f"mesh {dict(zip(('data', 'fsdp', 'tensor', 'expert'), sizes))} "
+            f"needs {int(np.prod(sizes))} devices, {len(devices)} available"
+        )
     return make_mesh(*sizes, devices=devices)
 
 
-def load_model(cfg: TrainConfig, model_path: str, config: ModelConfig, mesh, *,
-               abstract: bool) -> nnx.Module:
+def load_model(
+    cfg: TrainConfig, model_path: str, config: ModelConfig, mesh, *, abstract: bool
+) -> nnx.Module:
     """The source weights (a checkpoint folder), a random init (a preset name), or shapes only
     (abstract, when a training checkpoint provides the weights)."""
     from qwenvl_jax.modeling import build_model, from_pretrained
@@ -73,8 +76,9 @@ def make_data(cfg: TrainConfig, config: ModelConfig, model_path: str):
     """The batch iterator: `data.train: synthetic` or the data pipeline over real records."""
     d = dict(cfg.data)
     if not d.get("train"):
-        raise ConfigError("data.train is not set (a JSONL file, a `data` output folder, or "
-                          "synthetic)")
+        raise ConfigError(
+            "data.train is not set (a JSONL file, a `data` output folder, or synthetic)"
+        )
     if d["train"] == "synthetic":
         import dataclasses
 
@@ -86,19 +90,29 @@ def make_data(cfg: TrainConfig, config: ModelConfig, model_path: str):
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown synthetic data key {unknown[0]!r} (known: {sorted(known)})")
-        return SyntheticBatches(config, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
-                                distinct=int(d.get("distinct", 0)),
-                                images=bool(d.get("images", True)),
-                                max_patches=d.get("max_patches"))
+        return SyntheticBatches(
+            config,
+            cfg.batch_size,
+            cfg.seq_len,
+            seed=cfg.seed,
+            distinct=int(d.get("distinct", 0)),
+            images=bool(d.get("images", True)),
+            max_patches=d.get("max_patches"),
+        )
     if not Path(model_path).is_dir():
-        raise ConfigError(f"data.train {d['train']} needs a tokenizer: model= must be a "
-                          f"checkpoint folder, not the preset {model_path!r}")
+        raise ConfigError(
+            f"data.train {d['train']} needs a tokenizer: model= must be a "
+            f"checkpoint folder, not the preset {model_path!r}"
+        )
     from qwenvl_jax.data.pipeline import make_train_iterator
     from qwenvl_jax.processing.processor import Processor
 
     processor = Processor.from_pretrained(model_path)
-    bounds = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels))
-              if v is not None}
+    bounds = {
+        k: v
+        for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels))
+        if v is not None
+    }
     if bounds and hasattr(processor, "image_config"):
         processor.image_config = processor.image_config.updated(bounds)
     elif bounds:
@@ -129,18 +143,27 @@ def export_model(model: nnx.Module, folder: Path, source: str) -> None:
     log.info("model written to %s", folder)
 
 
-def _record(step: int, ms: list[dict], lr: float, dt: float, flops: float, peak: float,
-            pad: float) -> dict[str, Any]:
+def _record(
+    step: int, ms: list[dict], lr: float, dt: float, flops: float, peak: float, pad: float
+) -> dict[str, Any]:
     """The metrics.jsonl record of one optimiser step: means over its micro-batches, throughput
     (tokens/s: non-padding tokens), and MFU = model FLOPs / time / peak of all devices."""
     mean = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
     tokens = float(np.sum([m["tokens"] for m in ms]))
-    rec = {"step": step, "loss": mean["loss"], "learning_rate": lr,
-           "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-           "ce": mean["ce"], "aux_loss": mean["aux_loss"], "grad_norm": mean["grad_norm"],
-           "loss_tokens": float(np.sum([m["loss_tokens"] for m in ms])), "tokens": tokens,
-           "padding_share": pad, "step_time_s": dt,
-           "mfu": flops / dt / peak if dt > 0 else 0.0}
+    rec = {
+        "step": step,
+        "loss": mean["loss"],
+        "learning_rate": lr,
+        "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+        "ce": mean["ce"],
+        "aux_loss": mean["aux_loss"],
+        "grad_norm": mean["grad_norm"],
+        "loss_tokens": float(np.sum([m["loss_tokens"] for m in ms])),
+        "tokens": tokens,
+        "padding_share": pad,
+        "step_time_s": dt,
+        "mfu": flops / dt / peak if dt > 0 else 0.0,
+    }
     return rec
 
 
@@ -149,18 +172,22 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
     EXIT_PREEMPTED after a SIGTERM (a checkpoint of the last finished step is saved)."""
     workdir = Path(workdir)
     if not cfg.model:
-        raise ConfigError("model= is not set (a checkpoint folder, a previous run's WORKDIR, or "
-                          "a preset name)")
+        raise ConfigError(
+            "model= is not set (a checkpoint folder, a previous run's WORKDIR, or a preset name)"
+        )
     model_path = resolve_model_path(cfg.model)
     config = load_config(model_path)
     mesh = run_mesh(cfg.mesh)
     rows = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if cfg.batch_size % rows:
-        raise ConfigError(f"batch_size {cfg.batch_size} does not divide over the "
-                          f"{rows} data-parallel devices of the mesh")
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} does not divide over the "
+            f"{rows} data-parallel devices of the mesh"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpts = Checkpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints,
-                        async_save=cfg.async_checkpoints)
+    ckpts = Checkpoints(
+        workdir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
+    )
     start = ckpts.latest_step()
     if start is not None:
         _check_same_run(cfg, ckpts.meta(start), ckpts.directory)
@@ -169,13 +196,20 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
     trainer = Trainer(model, cfg, mesh)
     counts = summary(model, trainer.mask)
     del model
-    log.info("%s stage %d: %s trainable, %s frozen parameters; mesh %s; %s", config.family,
-             cfg.stage, f"{counts['trainable']:,}", f"{counts['frozen']:,}", dict(mesh.shape),
-             changed)
+    log.info(
+        "%s stage %d: %s trainable, %s frozen parameters; mesh %s; %s",
+        config.family,
+        cfg.stage,
+        f"{counts['trainable']:,}",
+        f"{counts['frozen']:,}",
+        dict(mesh.shape),
+        changed,
+    )
     data = make_data(cfg, config, model_path)
     if start is not None:
-        state, frozen, data_state, _ = ckpts.restore(start, trainer.abstract_state(),
-                                                     trainer.abstract_frozen())
+        state, frozen, data_state, _ = ckpts.restore(
+            start, trainer.abstract_state(), trainer.abstract_frozen()
+        )
         trainer.set_frozen(frozen)
         data.set_state(data_state)
         log.info("resumed from %s at step %d", ckpts.directory, start)
@@ -191,8 +225,14 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
     pending: list[dict] = []
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
-               dynamic_ncols=True, desc=f"stage {cfg.stage}")
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        disable=not cfg.progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc=f"stage {cfg.stage}",
+    )
     try:
         while step < cfg.steps:
             micro, dt, pad, flops = [], 0.0, [], 0.0
@@ -207,20 +247,32 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
                 micro.append(jax.device_get(m))
                 dt += time.perf_counter() - t0
             step += 1
-            rec = _record(step, micro, trainer.learning_rate(step - 1), dt, flops,
-                          peak * mesh.size, float(np.mean(pad)))
+            rec = _record(
+                step,
+                micro,
+                trainer.learning_rate(step - 1),
+                dt,
+                flops,
+                peak * mesh.size,
+                float(np.mean(pad)),
+            )
             pending.append(rec)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 metrics.write(_mean_records(pending))
                 pending = []
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                            mfu=f"{100 * rec.get('mfu', 0):.1f}%", refresh=False)
+            bar.set_postfix(
+                loss=f"{rec['loss']:.4f}",
+                tok_s=f"{rec['tokens_per_s']:.0f}",
+                mfu=f"{100 * rec.get('mfu', 0):.1f}%",
+                refresh=False,
+            )
             bar.update(1)
             if step % cfg.plot_every == 0:
                 metrics.plot()
             if stop:
-                ckpts.save(step, state, trainer.frozen, data.get_state(), _meta(cfg, step),
-                           wait=True)
+                ckpts.save(
+                    step, state, trainer.frozen, data.get_state(), _meta(cfg, step), wait=True
+                )
                 log.warning("SIGTERM: stopped at step %d, checkpoint saved", step)
                 status = EXIT_PREEMPTED
                 break
@@ -253,8 +305,10 @@ def _check_same_run(cfg: TrainConfig, meta: dict, directory: Path) -> None:
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, like the saved JSON
     for key in _STATE_KEYS:
         if key in saved and saved[key] != now[key]:
-            raise ConfigError(f"{directory} holds checkpoints of a run with another {key} "
-                              f"({saved[key]!r}, now {now[key]!r}); use a new --workdir")
+            raise ConfigError(
+                f"{directory} holds checkpoints of a run with another {key} "
+                f"({saved[key]!r}, now {now[key]!r}); use a new --workdir"
+            )
 
 
 def _mean_records(records: list[dict]) -> dict:

@@ -73,8 +73,14 @@ def _bytes_field(number: int, data: bytes) -> bytes:
     return _field(number, 2, _varint(len(data)) + data)
 
 
-def encode_event(wall_time: float, step: int, *, scalars: Mapping[str, float] | None = None,
-                 file_version: str | None = None, session_start: bool = False) -> bytes:
+def encode_event(
+    wall_time: float,
+    step: int,
+    *,
+    scalars: Mapping[str, float] | None = None,
+    file_version: str | None = None,
+    session_start: bool = False,
+) -> bytes:
     """A tensorflow `Event` proto: wall_time (1), step (2), file_version (3), summary (5) of
     simple_value scalars, session_log (6) with status START."""
     out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
@@ -83,7 +89,8 @@ def encode_event(wall_time: float, step: int, *, scalars: Mapping[str, float] | 
     if scalars:
         values = b"".join(
             _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", v)))
-            for tag, v in scalars.items())
+            for tag, v in scalars.items()
+        )
         out += _bytes_field(5, values)
     if session_start:
         out += _bytes_field(6, _field(1, 0, _varint(1)))
@@ -93,8 +100,12 @@ def encode_event(wall_time: float, step: int, *, scalars: Mapping[str, float] | 
 def frame_record(data: bytes) -> bytes:
     """TFRecord framing: length, masked CRC of the length, data, masked CRC of the data."""
     header = struct.pack("<Q", len(data))
-    return (header + struct.pack("<I", masked_crc32c(header)) + data
-            + struct.pack("<I", masked_crc32c(data)))
+    return (
+        header
+        + struct.pack("<I", masked_crc32c(header))
+        + data
+        + struct.pack("<I", masked_crc32c(data))
+    )
 
 
 def read_records(path: str | Path) -> list[bytes]:
@@ -102,11 +113,11 @@ def read_records(path: str | Path) -> list[bytes]:
     raw = Path(path).read_bytes()
     out, i = [], 0
     while i < len(raw):
-        header = raw[i:i + 8]
+        header = raw[i : i + 8]
         (n,) = struct.unpack("<Q", header)
-        (hc,) = struct.unpack("<I", raw[i + 8:i + 12])
-        data = raw[i + 12:i + 12 + n]
-        (dc,) = struct.unpack("<I", raw[i + 12 + n:i + 16 + n])
+        (hc,) = struct.unpack("<I", raw[i + 8 : i + 12])
+        data = raw[i + 12 : i + 12 + n]
+        (dc,) = struct.unpack("<I", raw[i + 12 + n : i + 16 + n])
         if hc != masked_crc32c(header) or dc != masked_crc32c(data):
             raise ValueError(f"{path}: CRC mismatch at byte {i}")
         out.append(data)
@@ -131,8 +142,11 @@ class EventWriter:
         self._f.write(frame_record(event))
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        finite = {k: float(v) for k, v in values.items()
-                  if isinstance(v, int | float) and math.isfinite(v)}
+        finite = {
+            k: float(v)
+            for k, v in values.items()
+            if isinstance(v, int | float) and math.isfinite(v)
+        }
         self._write(encode_event(time.time(), step, scalars=finite))
         self._f.flush()
 
@@ -151,8 +165,13 @@ class MetricsLog:
     `enabled=False` (every process but the first of a multi-host run) nothing is written.
     """
 
-    def __init__(self, workdir: str | Path, resume_step: int = 0, tensorboard: bool = True,
-                 enabled: bool = True):
+    def __init__(
+        self,
+        workdir: str | Path,
+        resume_step: int = 0,
+        tensorboard: bool = True,
+        enabled: bool = True,
+    ):
         self.workdir = Path(workdir)
         self.path = self.workdir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
@@ -216,8 +235,14 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     lr = ax.twinx()
-    lr.plot(steps, [r.get("learning_rate", math.nan) for r in records], color="gray", lw=0.8,
-            ls="--", label="learning rate")
+    lr.plot(
+        steps,
+        [r.get("learning_rate", math.nan) for r in records],
+        color="gray",
+        lw=0.8,
+        ls="--",
+        label="learning rate",
+    )
     lr.set_ylabel("learning rate")
     lines = ax.get_legend_handles_labels()
     lines2 = lr.get_legend_handles_labels()
@@ -284,5 +309,12 @@ def peak_flops(device: Any, override: float | None = None) -> float:
     return _measured[kind]
 
 
-__all__ = ["EventWriter", "MetricsLog", "crc32c", "encode_event", "peak_flops", "plot_losses",
-           "read_records"]
+__all__ = [
+    "EventWriter",
+    "MetricsLog",
+    "crc32c",
+    "encode_event",
+    "peak_flops",
+    "plot_losses",
+    "read_records",
+]

@@ -25,11 +25,16 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     peak = cfg.learning_rate
     end = peak * cfg.end_learning_rate_ratio
     if cfg.warmup_steps == 0:
-        return optax.cosine_decay_schedule(peak, max(cfg.steps, 1),
-                                           alpha=cfg.end_learning_rate_ratio)
+        return optax.cosine_decay_schedule(
+            peak, max(cfg.steps, 1), alpha=cfg.end_learning_rate_ratio
+        )
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=end)
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=end,
+    )
 
 
 def decay_mask(params: nnx.State, no_decay: tuple[str, ...] = ()) -> nnx.State:
@@ -41,7 +46,8 @@ def decay_mask(params: nnx.State, no_decay: tuple[str, ...] = ()) -> nnx.State:
         return v.ndim >= 2 and not any(r.fullmatch(path) for r in rx)
 
     return nnx.from_flat_state(
-        [(p, v.replace(decays(path_str(p), v))) for p, v in nnx.to_flat_state(params)])
+        [(p, v.replace(decays(path_str(p), v))) for p, v in nnx.to_flat_state(params)]
+    )
 
 
 def lr_factors(params: nnx.State, table: tuple[tuple[str, float], ...]) -> nnx.State:
@@ -49,11 +55,15 @@ def lr_factors(params: nnx.State, table: tuple[tuple[str, float], ...]) -> nnx.S
     whose regex fully matches its path, 1.0 where none does. A row that matches no parameter is
     an error (a typo, or a table written for another family)."""
     flat = nnx.to_flat_state(params)
-    rows = first_match([path_str(p) for p, _ in flat], [p for p, _ in table], "lr_scale",
-                       "trainable parameter")
-    return nnx.from_flat_state([
-        (p, v.replace(1.0 if rows[path_str(p)] is None else float(table[rows[path_str(p)]][1])))
-        for p, v in flat])
+    rows = first_match(
+        [path_str(p) for p, _ in flat], [p for p, _ in table], "lr_scale", "trainable parameter"
+    )
+    return nnx.from_flat_state(
+        [
+            (p, v.replace(1.0 if rows[path_str(p)] is None else float(table[rows[path_str(p)]][1])))
+            for p, v in flat
+        ]
+    )
 
 
 def scale_by_factors(factors: nnx.State) -> optax.GradientTransformation:
@@ -72,9 +82,16 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay,
-                             mask=decay_mask(params, cfg.no_decay)))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask(params, cfg.no_decay),
+        )
+    )
     if cfg.lr_scale:
         parts.append(scale_by_factors(lr_factors(params, cfg.lr_scale)))
     tx = optax.chain(*parts)
@@ -83,13 +100,28 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
     return tx
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_state, param_shardings,
-                        replicated: jax.sharding.Sharding):
+def opt_state_shardings(
+    tx: optax.GradientTransformation,
+    abstract_state,
+    param_shardings,
+    replicated: jax.sharding.Sharding,
+):
     """Shardings of an optimiser state: parameter-shaped entries (moments, accumulated
     gradients) like their parameter, counters and scalars replicated."""
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_state, param_shardings,
-                                 transform_non_params=lambda _: replicated)
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
 
 
-__all__ = ["decay_mask", "learning_rate_schedule", "lr_factors", "make_optimizer",
-           "opt_state_shardings", "scale_by_factors"]
+__all__ = [
+    "decay_mask",
+    "learning_rate_schedule",
+    "lr_factors",
+    "make_optimizer",
+    "opt_state_shardings",
+    "scale_by_factors",
+]

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 TrainState = dict  # {"step": int32[], "params": nnx.State, "opt_state": optax state}
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """(sum of -log p(target) over mask, number of counted tokens), in float32.
     logits: float[B, T, V]; targets: int[B, T]; mask: float[B, T]."""
     logits = logits.astype(jnp.float32)
@@ -71,7 +72,8 @@ class Trainer:
         }
         self._initial_params: nnx.State | None = params
         self._abstract_params = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, param_sh)
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, param_sh
+        )
         self.frozen = frozen
         text = model.config.text
         self.moe_top_k = text.num_experts_per_tok if text.num_experts else 0
@@ -93,17 +95,24 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
-        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32),
-                  "params": self._abstract_params,
-                  "opt_state": jax.eval_shape(self.tx.init, self._abstract_params)}
+        shapes = {
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "params": self._abstract_params,
+            "opt_state": jax.eval_shape(self.tx.init, self._abstract_params),
+        }
         return jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            shapes, self.state_shardings)
+            shapes,
+            self.state_shardings,
+        )
 
     def abstract_frozen(self) -> nnx.State:
         """ShapeDtypeStructs with shardings of the frozen parameters (a restore target)."""
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self.frozen, self.frozen_shardings)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            self.frozen,
+            self.frozen_shardings,
+        )
 
     def set_frozen(self, frozen: nnx.State) -> None:
         """Frozen parameters from a checkpoint (the state comes from it too: the initial
@@ -130,13 +139,17 @@ class Trainer:
 
     def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host batch -> global device arrays sharded over the batch axes."""
-        return {k: jax.make_array_from_process_local_data(
-                    self.batch_sharding(k, np.shape(v)), np.asarray(v))
-                for k, v in batch.items()}
+        return {
+            k: jax.make_array_from_process_local_data(
+                self.batch_sharding(k, np.shape(v)), np.asarray(v)
+            )
+            for k, v in batch.items()
+        }
 
     # -- the step ------------------------------------------------------------------------------
-    def loss(self, params: nnx.State, frozen: nnx.State, batch: Mapping[str, jax.Array]
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss(
+        self, params: nnx.State, frozen: nnx.State, batch: Mapping[str, jax.Array]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         model = nnx.merge(self.graphdef, params, frozen)
         input_ids, segment_ids, position_ids, vision = batch_to_model_inputs(batch)
         logits, _, router = model.forward(input_ids, segment_ids, position_ids, vision)
@@ -147,23 +160,34 @@ class Trainer:
             valid = (segment_ids > 0).reshape(-1)
             aux = load_balancing_loss(jnp.stack(router), self.moe_top_k, valid)
         loss = ce + self.aux_coef * aux
-        return loss, {"ce": ce, "aux_loss": aux, "loss_tokens": count,
-                      "tokens": jnp.sum(segment_ids > 0).astype(jnp.float32)}
+        return loss, {
+            "ce": ce,
+            "aux_loss": aux,
+            "loss_tokens": count,
+            "tokens": jnp.sum(segment_ids > 0).astype(jnp.float32),
+        }
 
     def _step(self, state: TrainState, frozen: nnx.State, batch: Mapping[str, jax.Array]):
         (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(
-            state["params"], frozen, batch)
+            state["params"], frozen, batch
+        )
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     def compile(self, state: TrainState, batch: Mapping[str, jax.Array]) -> None:
-        in_sh = (self.state_shardings, self.frozen_shardings,
-                 {k: v.sharding for k, v in batch.items()})
-        jitted = jax.jit(self._step, in_shardings=in_sh,
-                         out_shardings=(self.state_shardings, self.replicated),
-                         donate_argnums=(0,))
+        in_sh = (
+            self.state_shardings,
+            self.frozen_shardings,
+            {k: v.sharding for k, v in batch.items()},
+        )
+        jitted = jax.jit(
+            self._step,
+            in_shardings=in_sh,
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,),
+        )
         t = time.perf_counter()
         with use_mesh(self.mesh):
             self._compiled = jitted.lower(state, self.frozen, batch).compile()
@@ -173,8 +197,9 @@ class Trainer:
         if self._compiled is None:
             self.compile(state, batch)
 
-    def step(self, state: TrainState, batch: Mapping[str, Any]
-             ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(
+        self, state: TrainState, batch: Mapping[str, Any]
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One micro-batch: forward, backward and the optimiser (which, with gradient
         accumulation, applies the mean gradient on every grad_accum-th call). Donates `state`."""
         if any(not isinstance(v, jax.Array) for v in batch.values()):

@@ -28,9 +28,18 @@ class SyntheticBatches:
     overfit); 0 makes every batch new. images=False gives text-only batches.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, seq_len: int, *, seed: int = 0,
-                 distinct: int = 0, images: bool = True, max_patches: int | None = None,
-                 answer_len: int = 6):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        seq_len: int,
+        *,
+        seed: int = 0,
+        distinct: int = 0,
+        images: bool = True,
+        max_patches: int | None = None,
+        answer_len: int = 6,
+    ):
         self.config = config
         self.B, self.L = batch_size, seq_len
         self.seed, self.distinct, self.images = seed, distinct, images
@@ -79,14 +88,19 @@ class SyntheticBatches:
         elif self.images:
             h, w = GRIDS[int(rng.integers(len(GRIDS)))]
             n = h * w // cfg.vision.spatial_merge_size**2
-            vis = np.concatenate([[cfg.vision_start_token_id], np.full(n, cfg.image_token_id),
-                                  [cfg.vision_end_token_id]])
+            vis = np.concatenate(
+                [
+                    [cfg.vision_start_token_id],
+                    np.full(n, cfg.image_token_id),
+                    [cfg.vision_end_token_id],
+                ]
+            )
             pixels = rng.standard_normal((h * w, cfg.vision.patch_dim)).astype(np.float32)
             image = ((1, h, w), pixels)
         ids = np.concatenate([vis, prompt, answer]).astype(np.int64)
         # position t predicts ids[t + 1]; count the predictions of answer tokens
         mask = np.zeros(len(ids), np.float32)
-        mask[len(ids) - len(answer) - 1:len(ids) - 1] = 1
+        mask[len(ids) - len(answer) - 1 : len(ids) - 1] = 1
         return ids, mask, image
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
@@ -110,7 +124,7 @@ class SyntheticBatches:
                 sl = slice(at, at + n)
                 out["input_ids"][b, sl] = ids
                 out["segment_ids"][b, sl] = seg
-                out["targets"][b, at:at + n - 1] = ids[1:]
+                out["targets"][b, at : at + n - 1] = ids[1:]
                 out["loss_mask"][b, sl] = mask
                 if self.v1 or image is None:
                     out["position_ids"][:, b, sl] = np.arange(n)
@@ -130,8 +144,12 @@ class SyntheticBatches:
         elif self.max_patches:
             if images:
                 grids = np.asarray([g for g, _ in images])
-                vb = make_vision_batch(cfg.vision, np.concatenate([p for _, p in images]), grids,
-                                       pad_to=self.max_patches)
+                vb = make_vision_batch(
+                    cfg.vision,
+                    np.concatenate([p for _, p in images]),
+                    grids,
+                    pad_to=self.max_patches,
+                )
             else:
                 vb = empty_vision_batch(cfg.vision, self.max_patches)
             out.update(vision_fields(vb))
