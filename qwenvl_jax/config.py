@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.resources import config_dir
 
 FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 _MODEL_TYPE_TO_FAMILY = {
@@ -26,7 +28,36 @@ _MODEL_TYPE_TO_FAMILY = {
     "qwen3_vl": "qwen3_vl",
     "qwen3_vl_moe": "qwen3_vl_moe",
 }
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+PRESET_DIR = config_dir("models")
+
+# Fields that may be 0 (off); every other int field must be >= 1 and every float field > 0.
+_MAY_BE_ZERO = {
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "window_size",
+    "num_position_embeddings",
+    "tokens_per_second",
+    "router_aux_loss_coef",
+}
+
+
+def _check_fields(obj: Any) -> None:
+    """Each int / float field of a config dataclass holds a number of its type in range, so a
+    broken config.json fails where it is parsed, naming the field, not later in a division."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        where = f"{type(obj).__name__}.{f.name}"
+        if f.type in ("int", "float"):
+            ok = isinstance(v, int) if f.type == "int" else isinstance(v, int | float)
+            if not ok or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigError(f"{where} must be a number ({f.type}), got {v!r}")
+            if v < 0 or (v == 0 and f.name not in _MAY_BE_ZERO):
+                raise ConfigError(f"{where} must be positive, got {v!r}")
+        elif f.type.startswith("tuple[int") and not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v
+        ):
+            raise ConfigError(f"{where} must be a list of non-negative integers, got {list(v)!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +94,18 @@ class TextConfig:
     use_logn_attn: bool = False  # Qwen-VL v1
     seq_length: int = 2048  # Qwen-VL v1: the trained length for NTK and logn
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}"
+            )
+
     def is_moe_layer(self, i: int) -> bool:
         return (
             self.num_experts > 0
@@ -94,6 +137,14 @@ class VisionConfig:
     # Qwen3-VL learned position table and DeepStack taps
     num_position_embeddings: int = 0
     deepstack_visual_indexes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision hidden_size {self.hidden_size} is not a multiple of num_heads "
+                f"{self.num_heads}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -130,6 +181,11 @@ class V1VisionConfig:
     n_queries: int = 256
     image_start_id: int = 151857
     layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.width % self.heads:
+            raise ConfigError(f"visual width {self.width} is not a multiple of heads {self.heads}")
 
     @property
     def mlp_width(self) -> int:
@@ -177,6 +233,8 @@ def _build(cls, d: dict):
 
 
 def family_of(hf: dict) -> str:
+    if not isinstance(hf, dict):
+        raise ConfigError(f"config.json is not a JSON object (got a {type(hf).__name__})")
     mt = hf.get("model_type")
     if mt not in _MODEL_TYPE_TO_FAMILY:
         raise ConfigError(
@@ -195,9 +253,41 @@ def _rope(tc: dict, top: dict) -> tuple[float, dict]:
     return theta, rp
 
 
+# config.json keys that the parser divides or multiplies by: checked before it does.
+_RAW_NUMBERS = {
+    "hidden_size": int,
+    "num_attention_heads": int,
+    "head_dim": int,
+    "kv_channels": int,
+    "intermediate_size": int,
+    "embed_dim": int,
+    "mlp_ratio": float,
+    "width": int,
+}
+
+
+def _check_raw(d: Any, where: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"config.json: {where} is not a JSON object")
+    for key, kind in _RAW_NUMBERS.items():
+        v = d.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, int) if kind is int else isinstance(v, int | float)
+        if not ok or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(
+                f"config.json: {where}{key} must be a positive {kind.__name__}, got {v!r}"
+            )
+
+
 def from_hf(hf: dict) -> ModelConfig:
-    """Parse a Hugging Face config.json dict into a ModelConfig."""
+    """Parse a Hugging Face config.json dict into a ModelConfig. Values are checked here: a
+    missing, mistyped or impossible field is a ConfigError naming it."""
     family = family_of(hf)
+    _check_raw(hf, "")
+    for sub in ("text_config", "vision_config", "visual"):
+        if hf.get(sub) is not None:
+            _check_raw(hf[sub], f"{sub}.")
     try:
         if family == "qwen_vl":
             return _from_hf_v1(hf)
@@ -358,6 +448,8 @@ def load_config(path: str | Path) -> ModelConfig:
         d = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cfg_file}: not a JSON object (got a {type(d).__name__})")
     if "family" in d and "text" in d:  # our own format (presets, `convert` output)
         return ModelConfig.from_dict(d)
     return from_hf(d)

@@ -31,10 +31,11 @@ from typing import Any
 from qwenvl_jax.demo.model import DemoModelSize, write_initial_checkpoint
 from qwenvl_jax.demo.shapes import TASKS, write_split
 from qwenvl_jax.errors import ConfigError, InputError
+from qwenvl_jax.resources import config_dir
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+DEMO_CONFIG_DIR = config_dir("demo")
 SETTINGS_FILE = "demo.json"
 SUPPORTED = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Special-token text is not for the BPE: v1's <ref>/<box>/<img> tags and <|...|> tokens.

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.resources import config_dir
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
+CONFIG_DIR = config_dir("train")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 
