@@ -7,6 +7,8 @@ what is checked.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from hf_models import FAMILIES, build_inputs, hf_logits, hf_model
@@ -48,7 +50,7 @@ def pair(request, tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(pair, case):
     family, ref, ours = pair
-    inputs = build_inputs(family, CASES[case], seed=hash(case) % 1000)
+    inputs = build_inputs(family, CASES[case], seed=zlib.crc32(case.encode()) % 1000)
     if family == "qwen2_5_vl" and "video_grid_thw" in inputs:
         inputs["second_per_grid_ts"] = [1.0]
     expected = hf_logits(ref, inputs)
