@@ -3,7 +3,7 @@ library's byte-level BPE, with Qwen's split pattern), the special tokens of thos
 right after the ranks, and a ChatML chat template that writes each image or video as
 `<|vision_start|><|image_pad|><|vision_end|>` (the processor expands the pad per patch group).
 
-tiktoken ranks (demo/vocab.py) carry no merge list; `merges_of` recovers it the usual way: the
+The tiktoken ranks (demo/vocab.py) carry no merge list; `merges_of` recovers it the usual way: the
 merge that made a token is the last step of BPE on its bytes using only lower ranks.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from qwenvl_jax.demo.vocab import bytes_to_unicode, pre_tokenizer
 
 # In Qwen2-VL's order after its 151,643 ranks (<|endoftext|> = 151643 ... <|video_pad|> = 151656).
 SPECIAL_TOKENS = (
@@ -48,23 +50,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table of byte-level BPE vocabularies."""
-    keep = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def merges_of(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """The merge list, in rank order, that reproduces tiktoken's BPE over `ranks`."""
     merges = []
@@ -89,7 +74,7 @@ def merges_of(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 def write_tokenizer_files(ranks: dict[bytes, int], folder: str | Path, pattern: str) -> None:
     """tokenizer.json, tokenizer_config.json and chat_template.json for `ranks` (special tokens
     at ids len(ranks) + i in SPECIAL_TOKENS order); `pattern` is the pre-tokenizer regex."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     folder = Path(folder)
     table = bytes_to_unicode()
@@ -100,12 +85,7 @@ def write_tokenizer_files(ranks: dict[bytes, int], folder: str | Path, pattern: 
     vocab = {text(token): rank for token, rank in ranks.items()}
     merges = [(text(a), text(b)) for a, b in merges_of(ranks)]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    tokenizer.pre_tokenizer = pre_tokenizer(pattern)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
