@@ -5,6 +5,7 @@ the full demo (the README's table), not here: a shortened run trains for a few s
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -12,17 +13,30 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 import qwenvl_jax as qj
 from qwenvl_jax.cli import main
+from qwenvl_jax.demo.evaluate import (
+    GAP,
+    TILE,
+    demo_font,
+    draw_predictions,
+    format_table,
+    iou,
+    layout,
+    place_tag,
+    score,
+    summarise,
+    wrap,
+)
 from qwenvl_jax.demo.evaluate import TASKS as ASKED
-from qwenvl_jax.demo.evaluate import draw_predictions, format_table, iou, score, summarise
+from qwenvl_jax.demo.hf_tokenizer import write_tokenizer_files
 from qwenvl_jax.demo.model import DemoModelSize, hf_config, write_initial_checkpoint
 from qwenvl_jax.demo.shapes import COLOURS, OUTLINE, make_scene, questions, write_split
 from qwenvl_jax.demo.vocab import train_vocab, write_tiktoken
 from qwenvl_jax.grounding import format_box
-from qwenvl_jax.processing.qwen_vl_v1 import QwenTokenizer
+from qwenvl_jax.processing.qwen_vl_v1 import PAT_STR, QwenTokenizer
 
 SCALE = 0.01  # 40 training scenes, 1 + 6 + 3 training steps
 
@@ -180,6 +194,45 @@ def test_vocabulary_and_checkpoint_follow_the_qwen_vl_layout(tmp_path):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_vocabulary_is_the_bpe_trainers_merges_as_tiktoken_ranks(tmp_path):
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer
+
+    texts = ["the café is open", "a café, a caffè", "What colour is the circle?"] * 4
+    ranks = train_vocab(texts, 300)
+    assert all(ranks[bytes([b])] == b for b in range(256))
+    assert sorted(ranks.values()) == list(range(len(ranks)))
+    # each merged token joins two tokens of lower rank; bytes, not ByteLevel's characters
+    for token, rank in ranks.items():
+        if rank >= 256:
+            assert any(
+                ranks.get(token[:i], rank) < rank and ranks.get(token[i:], rank) < rank
+                for i in range(1, len(token))
+            ), token
+    assert " café".encode() in ranks and "Ã©".encode() not in ranks
+    # the same texts, the same ranks, in this process and in another one
+    assert train_vocab(texts, 300) == ranks
+    code = (
+        "from qwenvl_jax.demo.vocab import train_vocab; "
+        f"print(sorted(train_vocab({texts!r}, 300).items(), key=lambda kv: kv[1]))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert other.strip() == repr(sorted(ranks.items(), key=lambda kv: kv[1]))
+    # max_size caps the ranks
+    assert len(train_vocab(texts, 260)) == 260
+    # qwen.tiktoken and the tokenizer.json made from the same ranks split texts alike
+    write_tiktoken(ranks, tmp_path / "qwen.tiktoken")
+    write_tokenizer_files(ranks, tmp_path, PAT_STR)
+    tiktoken_ids = QwenTokenizer(tmp_path / "qwen.tiktoken", image_span=16)
+    hf = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in [*texts, "the caffè is a café", "Où est le cercle?"]:
+        assert hf.encode(text).ids == tiktoken_ids.encode(text), text
+
+
 def test_qwen_vl_resampler_starts_local(tmp_path):
     """With the queries tiling the patches (4x4 of 28 px at 112 px), resampler query i starts out
     reading patch i, and a patch's position code is a row code plus a column code."""
@@ -271,6 +324,85 @@ def test_picture_takes_boxes_written_the_wrong_way_round(tmp_path):
     assert Image.open(tmp_path / "predictions.png").size[0] > 0
 
 
+def _picture_records(tmp_path) -> tuple[list[dict], Path]:
+    """Held-out records with every kind of trouble for the picture: long wrong answers, a
+    missing box, boxes sharing a corner, boxes beyond the image."""
+    split = tmp_path / "split"
+    write_split(split, 6, seed=2)
+    scenes = json.loads((split / "scenes.json").read_text())
+    records = []
+    for k, scene in enumerate(scenes):
+        for n, item in enumerate(i for i in scene["items"] if i["task"] in ASKED):
+            if item["task"] == "ground":
+                box = [[0, 0, 28, 28], [0, 0, 56, 56], [90, 90, 130, 140], item["box"]][n % 4]
+                answer = "" if k == 1 else format_box(item["a"], box, "qwen_vl", (112, 112))
+            elif n % 3 == 0:
+                answer = "a " + "very " * 30 + "long answer and " + "x" * 80
+            else:
+                answer = item["a"]
+            records.append({"scene": k, "item": item, **score(item, answer, (112, 112))})
+    return records, split
+
+
+def test_picture_text_stays_inside_its_panel(tmp_path):
+    font = demo_font()
+    assert isinstance(font, ImageFont.FreeTypeFont)
+    assert Path(font.path).name == "DejaVuSans.ttf"
+
+    text = "What colour is the square? \u2192\u00a0purple " + "y" * 90
+    lines = wrap(text, font, 100)
+    assert all(font.getlength(line) <= 100 for line in lines) and len(lines) > 3
+    assert any("\u2192\u00a0purple" in line for line in lines)  # kept at the no-break space
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")  # nothing lost
+
+    records, split = _picture_records(tmp_path)
+    (width, height), legend, panels = layout(records, font, n_images=6, columns=4)
+    assert len(panels) == 6 and width == 4 * TILE + 5 * GAP
+    sheet = (0, 0, width, height)
+    for label in legend:
+        assert _inside(label.box, (GAP, GAP, width - GAP, panels[0].image[1]))
+    for p in panels:
+        assert _inside(p.bounds, sheet)
+        assert not any(_overlap(p.bounds, q.bounds) for q in panels if q is not p)
+        lines = [label for label in p.labels if label.background is None]
+        tags = [label for label in p.labels if label.background is not None]
+        scene_records = [r for r in records if r["scene"] == p.scene]
+        asked = {r["item"]["task"] for r in scene_records}
+        assert len(lines) >= len(scene_records) and asked
+        for label in lines:
+            assert _inside(label.box, p.text) and font.getlength(label.text) <= TILE - 12
+        boxed = sum(r["item"]["task"] == "ground" and r["box"] is not None for r in scene_records)
+        assert len(tags) == boxed
+        for label in tags:
+            assert _inside(label.outer, p.image)
+        for a, b in itertools.combinations(p.labels, 2):
+            assert not _overlap(a.outer, b.outer), (a.text, b.text)
+        for box, _, _ in p.boxes:
+            assert _inside(box, p.image)
+    # wrong answers are red and marked, and the lines tell all of a panel's answers
+    wrong = next(r for r in records if not r["correct"] and r["item"]["task"] != "ground")
+    text = " ".join(label.text for p in panels if p.scene == wrong["scene"] for label in p.labels)
+    assert f"{wrong['item']['q']} \u2192" in text and "\u2717" in text
+    # five tags clear of each other around one corner
+    taken = []
+    for n in range(5):
+        taken.append(place_tag(font, str(n), (10, 10, 40, 40), (0, 0, 224, 224), taken).outer)
+    assert all(_inside(t, (0, 0, 224, 224)) for t in taken)
+    assert not any(_overlap(a, b) for a, b in itertools.combinations(taken, 2))
+
+    draw_predictions(records, split, tmp_path / "predictions.png", n_images=6)
+    with Image.open(tmp_path / "predictions.png") as picture:
+        assert picture.size == (width, height)
+
+
+def _inside(box, area) -> bool:
+    return area[0] <= box[0] and area[1] <= box[1] and box[2] <= area[2] and box[3] <= area[3]
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -300,9 +432,9 @@ def test_shortened_demo_writes_every_output(demo):
     assert len(records) == sum(item["task"] in ASKED for s in scenes for item in s["items"])
     assert {k: results[k] for k in summarise(records)} == summarise(records)
     assert format_table(results).splitlines()[2] in printed
-    # the picture: a grid of 224 px tiles with text below
+    # the picture: a grid of 224 px tiles with text below, four a row
     with Image.open(work / "predictions.png") as picture:
-        assert picture.format == "PNG" and picture.size[0] == 4 * 224
+        assert picture.format == "PNG" and picture.size[0] == 4 * TILE + 5 * GAP
     # the three stages ran with the real training code, each from the previous stage's model
     for stage in (1, 2, 3):
         config = json.loads((work / f"stage{stage}" / "train_config.json").read_text())

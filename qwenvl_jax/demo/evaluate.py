@@ -14,6 +14,7 @@ asked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import defaultdict
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from qwenvl_jax.grounding import parse_boxes
 
@@ -195,48 +196,237 @@ def format_table(results: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------ the picture
 
-TILE = 224
-TEXT_H = 96
-PRED, TRUE = (230, 20, 20), (20, 20, 20)
+TILE = 224  # each held-out image, drawn at this size
+GAP = 12  # around and between the panels
+PAD = 6  # between a panel's edge and its text
+FONT_SIZE = 13
+MAX_ANSWER = 60  # longer answers are cut (with an ellipsis) so that one cannot fill a panel
+PRED, TRUE = (220, 20, 20), (20, 20, 20)
+WRONG, TEXT, FRAME = (200, 0, 0), (20, 20, 20), (190, 190, 190)
+LEGEND = (
+    "Held-out scenes. Boxes: predicted (red, numbered as in the text below), true (black). "
+    "Wrong answers in red, marked \u2717."
+)
+
+Box = tuple[float, float, float, float]
+
+
+def demo_font(size: int = FONT_SIZE) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans, the TrueType font matplotlib ships (the same font wherever the demo runs)."""
+    import matplotlib
+
+    return ImageFont.truetype(
+        str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), size
+    )
+
+
+def wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
+    """`text` in lines no wider than `width` pixels: broken at spaces (not at no-break spaces),
+    and inside a word only where the word alone is wider than that."""
+    lines: list[str] = []
+    line = ""
+    for word in filter(None, text.split(" ")):
+        joined = f"{line} {word}" if line else word
+        if font.getlength(joined) <= width:
+            line = joined
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for char in word:
+            if line and font.getlength(line + char) > width:
+                lines.append(line)
+                line = ""
+            line += char
+    return [*lines, line] if line else lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    """Text drawn at `xy` (its top-left anchor); `box` is where its ink lies, and `background`
+    (a tag's) fills `box` widened by `margin`."""
+
+    xy: tuple[float, float]
+    text: str
+    fill: tuple[int, int, int]
+    box: Box
+    background: tuple[int, int, int] | None = None
+    margin: float = 0.0
+
+    @property
+    def outer(self) -> Box:
+        m = self.margin
+        return (self.box[0] - m, self.box[1] - m, self.box[2] + m, self.box[3] + m)
+
+
+@dataclasses.dataclass
+class Panel:
+    """One scene: its image in `image`, its lines of text in `text` (below the image), its
+    boxes (true and predicted) and labels (the lines, and the tags that number the predicted
+    boxes)."""
+
+    scene: int
+    image: Box
+    text: Box
+    boxes: list[tuple[Box, tuple[int, int, int], int]]
+    labels: list[Label]
+
+    @property
+    def bounds(self) -> Box:
+        return (self.image[0], self.image[1], self.text[2], self.text[3])
+
+
+def _label(font: ImageFont.FreeTypeFont, xy, text, fill, **kw) -> Label:
+    left, top, right, bottom = font.getbbox(text)
+    box = (xy[0] + left, xy[1] + top, xy[0] + right, xy[1] + bottom)
+    return Label(xy, text, fill, box, **kw)
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _inside(a: Box, area: Box) -> bool:
+    return area[0] <= a[0] and area[1] <= a[1] and a[2] <= area[2] and a[3] <= area[3]
+
+
+def place_tag(
+    font: ImageFont.FreeTypeFont, text: str, near: Box, area: Box, taken: list[Box]
+) -> Label:
+    """A tag (white `text` on red) at a corner of box `near`: above its top-left corner if
+    there is room, else inside it, below it or at its right; shifted into `area`, and clear of
+    the boxes in `taken` (else at the first free place in `area`, scanning rows)."""
+    margin = 2.0
+    left, top, right, bottom = font.getbbox(text)
+    w, h = right - left + 2 * margin, bottom - top + 2 * margin
+    l, t, r, b = near
+    corners = [(l, t - h), (l, t), (l, b), (r - w, t), (r - w, b - h), (r, t)]
+    step = max(2.0, h / 2)
+    scan = [
+        (area[0] + i * step, area[1] + j * step)
+        for j in range(int((area[3] - area[1] - h) // step) + 1)
+        for i in range(int((area[2] - area[0] - w) // step) + 1)
+    ]
+    for x, y in corners + scan:
+        x = min(max(x, area[0]), area[2] - w)
+        y = min(max(y, area[1]), area[3] - h)
+        outer = (x, y, x + w, y + h)
+        if not any(_overlaps(outer, other) for other in taken):
+            xy = (x + margin - left, y + margin - top)
+            return _label(font, xy, text, (255, 255, 255), background=PRED, margin=margin)
+    raise ValueError(f"no room for tag {text!r}")
+
+
+def _lines(
+    records: list[dict[str, Any]], font: ImageFont.FreeTypeFont, width: float
+) -> tuple[list[tuple[str, tuple[int, int, int]]], list[tuple[dict, str | None]]]:
+    """A scene's lines of text (wrapped to `width`, each with its colour) and its grounding
+    records, each with the number of its tag (None when the answer gave no box)."""
+    lines, ground = [], []
+    for r in sorted(records, key=lambda r: TASKS.index(r["item"]["task"])):
+        item = r["item"]
+        if item["task"] == "ground":
+            if r["box"] is None:
+                text = f"{item['a']}: no box"
+                ground.append((r, None))
+            else:
+                tag = str(1 + sum(t is not None for _, t in ground))
+                text = f"[{tag}] {item['a']}: IoU\u00a0{r['iou']:.2f}"
+                ground.append((r, tag))
+        else:
+            answer = normalise(r["answer"])
+            if len(answer) > MAX_ANSWER:
+                answer = answer[: MAX_ANSWER - 1].rstrip() + "\u2026"
+            text = f"{item['q']} \u2192\u00a0{answer or '(nothing)'}"
+        if not r["correct"]:
+            text += "\u00a0\u2717"
+        fill = TEXT if r["correct"] else WRONG
+        lines += [(line, fill) for line in wrap(text, font, width)]
+    return lines, ground
+
+
+def layout(
+    records: list[dict[str, Any]],
+    font: ImageFont.FreeTypeFont,
+    n_images: int = 8,
+    columns: int = 4,
+    image_size: int = 112,
+) -> tuple[tuple[int, int], list[Label], list[Panel]]:
+    """Where everything of the picture goes: the sheet's size, the legend's lines and one panel
+    per scene (the first `n_images` scenes of `records`, `columns` a row). Every panel is as
+    tall as the one with the most lines, so that all its text fits below its image."""
+    by_scene: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        by_scene[r["scene"]].append(r)
+    shown = sorted(by_scene)[:n_images]
+    ascent, descent = font.getmetrics()
+    pitch = ascent + descent + 2
+    width = columns * TILE + (columns + 1) * GAP
+    legend = [
+        _label(font, (GAP, GAP + i * pitch), line, TEXT)
+        for i, line in enumerate(wrap(LEGEND, font, width - 2 * GAP))
+    ]
+    top = GAP + len(legend) * pitch + GAP // 2
+    content = {k: _lines(by_scene[k], font, TILE - 2 * PAD) for k in shown}
+    most = max((len(lines) for lines, _ in content.values()), default=0)
+    text_h = most * pitch + 2 * PAD
+    scale = TILE / image_size
+    panels = []
+    for n, k in enumerate(shown):
+        x0 = GAP + (n % columns) * (TILE + GAP)
+        y0 = top + (n // columns) * (TILE + text_h + GAP)
+        image = (x0, y0, x0 + TILE, y0 + TILE)
+        text = (x0, y0 + TILE, x0 + TILE, y0 + TILE + text_h)
+        lines, ground = content[k]
+        labels = [
+            _label(font, (x0 + PAD, y0 + TILE + PAD + i * pitch), line, fill)
+            for i, (line, fill) in enumerate(lines)
+        ]
+        boxes, taken = [], []
+        for r, _ in ground:
+            t = [c * scale for c in r["item"]["box"]]
+            boxes.append(((x0 + t[0], y0 + t[1], x0 + t[2], y0 + t[3]), TRUE, 1))
+        for r, tag in ground:
+            if tag is None:
+                continue
+            # corners as the model wrote them (maybe the wrong way round), kept to the image
+            xs = [min(max(x0 + c * scale, x0), x0 + TILE) for c in r["box"][::2]]
+            ys = [min(max(y0 + c * scale, y0), y0 + TILE) for c in r["box"][1::2]]
+            box = (min(xs), min(ys), max(xs), max(ys))
+            boxes.append((box, PRED, 2))
+            label = place_tag(font, tag, box, image, taken)
+            taken.append(label.outer)
+            labels.append(label)
+        panels.append(Panel(k, image, text, boxes, labels))
+    rows = -(-len(shown) // columns)
+    height = top + rows * (TILE + text_h + GAP)
+    return (width, height), legend, panels
 
 
 def draw_predictions(
     records: list[dict[str, Any]], split: Path, out: Path, n_images: int = 8, columns: int = 4
 ) -> None:
-    """A grid of the first held-out images, each with its grounding boxes (predicted: red,
-    true: thin black) and the questions' answers below (a wrong answer is marked with x)."""
+    """A grid of the first held-out images, each with its grounding boxes (predicted: red and
+    numbered, true: thin black) and the questions' answers below it (a wrong one in red, marked
+    with a cross)."""
     scenes = json.loads((split / "scenes.json").read_text())
-    by_scene: dict[int, list[dict]] = defaultdict(list)
-    for r in records:
-        by_scene[r["scene"]].append(r)
-    shown = sorted(by_scene)[:n_images]
-    rows = -(-len(shown) // columns)
-    sheet = Image.new("RGB", (columns * TILE, rows * (TILE + TEXT_H)), "white")
+    font = demo_font()
+    images = {r["scene"]: split / scenes[r["scene"]]["image"] for r in records}
+    first = next(iter(images.values()), None)
+    image_size = Image.open(first).size[0] if first is not None else 112
+    size, legend, panels = layout(records, font, n_images, columns, image_size)
+    sheet = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(sheet)
-    for n, k in enumerate(shown):
-        x0, y0 = (n % columns) * TILE, (n // columns) * (TILE + TEXT_H)
-        image = Image.open(split / scenes[k]["image"]).convert("RGB")
-        scale = TILE / image.size[0]
-        sheet.paste(image.resize((TILE, TILE), Image.Resampling.NEAREST), (x0, y0))
-        lines = []
-        for r in sorted(by_scene[k], key=lambda r: TASKS.index(r["item"]["task"])):
-            item = r["item"]
-            mark = "" if r["correct"] else " x"
-            if item["task"] == "ground":
-                t = [c * scale for c in item["box"]]
-                draw.rectangle((x0 + t[0], y0 + t[1], x0 + t[2], y0 + t[3]), outline=TRUE)
-                if r["box"] is not None:
-                    # corners as the model wrote them, which may be the wrong way round
-                    p = [c * scale for c in r["box"]]
-                    left, right = sorted((x0 + p[0], x0 + p[2]))
-                    top, bottom = sorted((y0 + p[1], y0 + p[3]))
-                    draw.rectangle((left, top, right, bottom), outline=PRED, width=2)
-                    draw.text((left + 3, top + 2), item["a"][4:], fill=PRED)
-                continue
-            answer = normalise(r["answer"])[:40]
-            lines.append(f"{item['q'][:34]} {answer}{mark}")
-        for i, line in enumerate(lines[:7]):
-            draw.text((x0 + 4, y0 + TILE + 2 + 13 * i), line, fill=(0, 0, 0))
+    for p in panels:
+        image = Image.open(images[p.scene]).convert("RGB")
+        sheet.paste(image.resize((TILE, TILE), Image.Resampling.NEAREST), p.image[:2])
+        draw.rectangle(p.bounds, outline=FRAME)
+        for box, colour, width in p.boxes:
+            draw.rectangle(box, outline=colour, width=width)
+    for label in legend + [label for p in panels for label in p.labels]:
+        if label.background is not None:
+            draw.rectangle(label.outer, fill=label.background)
+        draw.text(label.xy, label.text, fill=label.fill, font=font)
     tmp = out.with_name(f".{out.name}.tmp")
     sheet.save(tmp, format="PNG", optimize=True)
     tmp.replace(out)
