@@ -162,6 +162,30 @@ def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_images_above_the_pixel_limit_are_one_line_errors(tmp_path: Path, monkeypatch) -> None:
+    """PIL's decompression-bomb limit (made small here): above it PIL would only warn, above
+    twice it it raises; both become one InputError naming the file, with no warning."""
+    import base64
+    import warnings
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)
+    for side in (40, 50):  # 1600 pixels: PIL's warning range; 2500: its error range
+        path = tmp_path / f"big{side}.png"
+        PIL.Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(path)
+        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        for source, name in ((path, str(path)), (uri, "given as base64 data")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # any warning fails the test
+                with pytest.raises(InputError) as info:
+                    load_image(source)
+            message = str(info.value)
+            assert message.startswith(f"cannot read image {name}: "), message
+            assert f"{side * side} pixels" in message and "\n" not in message
+    small = tmp_path / "small.png"
+    PIL.Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(small)
+    assert load_image(small).shape == (30, 30, 3)  # 900 pixels: within the limit
+
+
 def test_unsupported_array_is_rejected() -> None:
     with pytest.raises(InputError, match="uint8"):
         load_image(np.zeros((8, 8, 3), dtype=np.float32))

@@ -222,6 +222,26 @@ def test_corrupt_video_names_the_file(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_still_image_given_as_a_video_names_the_file(tmp_path: Path, family: str) -> None:
+    still = tmp_path / "some.png"
+    PIL.Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(still)
+    with pytest.raises(InputError) as info:
+        read_video(still, VideoConfig.defaults(family))
+    assert str(info.value) == (
+        f"cannot read video {still}: a still image (PNG), not a video; give it as an image"
+    )
+
+
+def test_too_short_clip_names_the_file(tmp_path: Path) -> None:
+    """A one-frame GIF is a clip FFmpeg reads, too short for Qwen2's two-frame patches."""
+    gif = tmp_path / "one.gif"
+    PIL.Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(gif)
+    with pytest.raises(InputError) as info:
+        read_video(gif, VideoConfig.defaults("qwen2_vl"))
+    assert str(info.value).startswith(f"cannot read video {gif}: cannot sample 0 frames")
+
+
 def test_frames_of_different_sizes_are_rejected() -> None:
     frames = [np.zeros((32, 32, 3), np.uint8), np.zeros((32, 48, 3), np.uint8)]
     with pytest.raises(InputError, match="same size"):

@@ -13,6 +13,8 @@ import io
 import logging
 import math
 import os
+import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -126,6 +128,25 @@ def smart_resize(
     return h_bar, w_bar
 
 
+_OPEN_LOCK = threading.Lock()
+
+
+def _pil_open(fp: Any, name: str) -> PIL.Image.Image:
+    """`PIL.Image.open(fp)` fully loaded. Images of more than `PIL.Image.MAX_IMAGE_PIXELS`
+    pixels (PIL's decompression-bomb limit, 178,956,970 unless changed) are refused with an
+    InputError instead of PIL's warning (or its error, from twice that size)."""
+    try:
+        # PIL warns (DecompressionBombWarning) from inside `open`; raise it instead. The warning
+        # filters are process-wide, so the threads that open images take turns here.
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(fp)
+        image.load()
+    except Exception as e:
+        raise InputError(f"cannot read image {name}: {e}") from None
+    return image
+
+
 def _open_image_file(source: str | os.PathLike) -> PIL.Image.Image:
     path = os.fspath(source)
     if path.startswith(("http://", "https://")):
@@ -134,19 +155,13 @@ def _open_image_file(source: str | os.PathLike) -> PIL.Image.Image:
         path = path[len("file://") :]
     if path.startswith("data:image/"):
         try:
-            image = PIL.Image.open(io.BytesIO(base64.b64decode(path.split(",", 1)[1])))
-            image.load()
+            data = base64.b64decode(path.split(",", 1)[1])
         except Exception as e:
             raise InputError(f"cannot decode base64 image: {e}") from None
-        return image
+        return _pil_open(io.BytesIO(data), "given as base64 data")
     if not os.path.isfile(path):
         raise MissingMediaError(f"image file not found: {path}")
-    try:
-        image = PIL.Image.open(path)
-        image.load()
-    except Exception as e:
-        raise InputError(f"cannot read image {path}: {e}") from None
-    return image
+    return _pil_open(path, path)
 
 
 def load_image(image: ImageInput) -> np.ndarray:
@@ -158,8 +173,8 @@ def load_image(image: ImageInput) -> np.ndarray:
     alpha, like HF's `convert_to_rgb`. Arrays must be `uint8[H, W]` or `uint8[H, W, 1|3|4]`.
     """
     if isinstance(image, (str, os.PathLike)):
-        pil = PIL.ImageOps.exif_transpose(_open_image_file(image))
-        return np.asarray(pil.convert("RGB"))
+        with _open_image_file(image) as pil:
+            return np.asarray(PIL.ImageOps.exif_transpose(pil).convert("RGB"))
     if isinstance(image, PIL.Image.Image):
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if has_alpha:

@@ -20,7 +20,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import av
 import numpy as np
@@ -258,6 +258,28 @@ def frame_timestamps(
     return [(seconds[i] + seconds[i + k - 1]) / 2 for i in range(0, len(seconds), k)]
 
 
+def open_video(source: str | os.PathLike | IO[bytes], name: str) -> av.container.InputContainer:
+    """An open PyAV container with at least one video stream (use it in a `with` block).
+
+    A still image (PNG, JPEG, WebP, ... which FFmpeg would read as a one-frame clip) is refused,
+    as is anything FFmpeg cannot open; the InputError names the file as `name`."""
+    try:
+        container = av.open(source)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise InputError(f"cannot read video {name}: {e}") from None
+    fmt = container.format.name
+    problem = None
+    if fmt.endswith("_pipe") or fmt.startswith("image2"):
+        kind = fmt.removesuffix("_pipe").upper()
+        problem = f"a still image ({kind}), not a video; give it as an image"
+    elif not container.streams.video:
+        problem = "no video stream"
+    if problem is not None:
+        container.close()
+        raise InputError(f"cannot read video {name}: {problem}")
+    return container
+
+
 def read_video(
     path: str | os.PathLike,
     cfg: VideoConfig,
@@ -271,13 +293,7 @@ def read_video(
         path = path[len("file://") :]
     if not os.path.isfile(path):
         raise MissingMediaError(f"video file not found: {path}")
-    try:
-        container = av.open(path)
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise InputError(f"cannot read video {path}: {e}") from None
-    with container:
-        if not container.streams.video:
-            raise InputError(f"cannot read video {path}: no video stream")
+    with open_video(path, path) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         video_fps = float(rate) if rate else 24.0
@@ -288,7 +304,10 @@ def read_video(
                 container.seek(0)
             if total <= 0:
                 raise InputError(f"cannot read video {path}: no frames")
-            indices = sample_indices(total, video_fps, cfg, fps=fps, num_frames=num_frames)
+            try:
+                indices = sample_indices(total, video_fps, cfg, fps=fps, num_frames=num_frames)
+            except InputError as e:
+                raise InputError(f"cannot read video {path}: {e}") from None
             wanted, last = set(indices.tolist()), int(indices.max())
             decoded: dict[int, np.ndarray] = {}
             for i, frame in enumerate(container.decode(stream)):
