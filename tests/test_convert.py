@@ -472,6 +472,35 @@ def test_existing_destination_is_kept(tmp_path, capsys, moe_src):
     assert [p.name for p in (tmp_path / "dst").iterdir()] == ["keep.txt"]
 
 
+def test_convert_removes_temporaries_of_interrupted_runs_only(tmp_path, capsys, moe_src):
+    """A killed convert leaves `.DST.tmp-<pid>`; the next one removes it when that process is
+    gone, and keeps the temporary folder of a process that still runs."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        stale = tmp_path / f".dst.tmp-{int(gone.stdout)}"
+        (stale / "params").mkdir(parents=True)
+        (stale / "params" / "half.bin").write_bytes(b"\0" * 1000)
+        live = tmp_path / f".dst.tmp-{running.pid}"
+        live.mkdir()
+        (live / "part.bin").write_bytes(b"busy")
+        other = tmp_path / f".other.tmp-{int(gone.stdout)}"  # another destination's
+        other.mkdir()
+        assert _cli(moe_src, tmp_path / "dst") == 0
+        assert orbax_io.is_orbax_folder(tmp_path / "dst")
+        assert not stale.exists()
+        assert (live / "part.bin").read_bytes() == b"busy"
+        assert other.is_dir()
+    finally:
+        running.kill()
+        running.wait()
+
+
 @pytest.mark.parametrize("case", ["missing", "unexpected", "misshaped"])
 def test_tensor_errors_name_the_tensor(tmp_path, moe_src, case):
     key = "model.language_model.layers.1.mlp.up_proj.weight"

@@ -360,6 +360,35 @@ def write_safetensors(
     return WriteResult(names, weight_map, total_size, total_parameters)
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # not a possible process id
+        return False
+    return True
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Remove the `.<dst name>.tmp-<pid>` folders of `atomic_dir` calls whose process no longer
+    runs on this machine (an interrupted convert or export); those of running processes stay."""
+    stale = re.compile(rf"\.{re.escape(dst.name)}\.tmp-(\d+)")
+    for entry in dst.parent.iterdir():
+        match = stale.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match[1])):
+            continue
+        logger.info("removing %s, left by an interrupted run (process %s)", entry, match[1])
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder of `dst`; on success it becomes `dst`, on error it goes.
@@ -367,7 +396,9 @@ def atomic_dir(dst: str | os.PathLike[str], *, overwrite: bool = False) -> Itera
     The temporary folder is `dst.parent / f".{dst.name}.tmp-<pid>"`, on the same file system, so
     the final step is a rename and nothing half-written is ever seen at `dst`. An existing
     non-empty `dst` is refused (`InputError`) unless `overwrite=True`, in which case it is
-    replaced only once the new folder is complete.
+    replaced only once the new folder is complete. Temporary folders of earlier writes of `dst`
+    whose process is gone (killed, crashed) are removed first; the process ids are those of
+    this machine, so `dst` must not be written from several machines at once.
     """
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
@@ -375,6 +406,7 @@ def atomic_dir(dst: str | os.PathLike[str], *, overwrite: bool = False) -> Itera
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise InputError(f"{dst}: folder exists and is not empty (overwrite it explicitly)")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     if tmp.exists():  # left by a crashed run that had the same pid
         shutil.rmtree(tmp)
