@@ -14,11 +14,12 @@ The header is `{"messages": [...], "blobs": [{"name": "a.png", "size": 1234}, ..
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,16 @@ import av
 import numpy as np
 
 from qwenvl_jax.data.sources import Blob, JsonlSource, image_input, malformed, record_messages
-from qwenvl_jax.data.stats import CORRUPT_MEDIA, DataStats, SampleError, SkipPolicy
+from qwenvl_jax.data.stats import (
+    CORRUPT_MEDIA,
+    MEDIA_OUTSIDE_ROOT,
+    DataStats,
+    SampleError,
+    SkipPolicy,
+)
 from qwenvl_jax.errors import InputError
 from qwenvl_jax.processing.image import MissingMediaError, load_image
+from qwenvl_jax.processing.video import open_video
 
 logger = logging.getLogger(__name__)
 
@@ -135,27 +143,50 @@ def _decode(data: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 # ------------------------------------------------------------------------------ validation
 
 
-def check_media(messages: list[dict[str, Any]]) -> None:
-    """Decode every image, and open every video and decode its first frame, so that missing or
-    corrupt media are found at conversion time. Raises SampleError / MissingMediaError."""
+def _media_sources(messages: list[dict[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """(kind, source) of every medium in the messages; a video given as frames gives one
+    ("image", frame) per frame."""
     for message in messages:
         content = message["content"]
         for item in content if isinstance(content, list) else []:
             kind = item.get("type")
-            if kind == "image" or (kind == "video" and isinstance(item["video"], list)):
-                frames = item[kind] if isinstance(item[kind], list) else [item[kind]]
-                for frame in frames:
-                    load_image(image_input(frame))
-            elif kind == "video":
-                _probe_video(item["video"])
+            if kind not in MEDIA_KEYS:
+                continue
+            if isinstance(item[kind], list):
+                yield from (("image", frame) for frame in item[kind])
+            else:
+                yield kind, item[kind]
+
+
+def check_media(messages: list[dict[str, Any]]) -> None:
+    """Decode every image, and open every video and decode its first frame, so that missing or
+    corrupt media are found at conversion time. Raises SampleError / MissingMediaError."""
+    for kind, source in _media_sources(messages):
+        if kind == "image":
+            load_image(image_input(source))
+        else:
+            _probe_video(source)
+
+
+def check_media_roots(messages: list[dict[str, Any]], roots: Sequence[Path]) -> None:
+    """Raise SampleError(media_outside_root) for a local media file that does not lie inside one
+    of the `roots` folders once symbolic links and `..` are resolved (the roots resolved too)."""
+    for kind, source in _media_sources(messages):
+        if not isinstance(source, str) or source.startswith(("http://", "https://", "data:")):
+            continue
+        path = source[len("file://") :] if source.startswith("file://") else source
+        real = Path(os.path.realpath(path))
+        if not any(real.is_relative_to(root) for root in roots):
+            where = " or ".join(str(root) for root in roots)
+            raise SampleError(
+                MEDIA_OUTSIDE_ROOT, f"{kind} {path} lies outside the media folder {where}"
+            )
 
 
 def _probe_video(source: Any) -> None:
     if isinstance(source, np.ndarray):
         return
     if isinstance(source, Blob):
-        import io
-
         target: Any = io.BytesIO(source.data)
         name = source.name
     else:
@@ -163,13 +194,11 @@ def _probe_video(source: Any) -> None:
         if not os.path.isfile(name):
             raise MissingMediaError(f"video file not found: {name}")
         target = name
-    try:
-        with av.open(target) as container:
-            if not container.streams.video:
-                raise SampleError(CORRUPT_MEDIA, f"cannot read video {name}: no video stream")
+    with open_video(target, name) as container:
+        try:
             next(container.decode(container.streams.video[0]))
-    except (av.FFmpegError, OSError, ValueError, StopIteration) as e:
-        raise SampleError(CORRUPT_MEDIA, f"cannot read video {name}: {e}") from None
+        except (av.FFmpegError, OSError, ValueError, StopIteration) as e:
+            raise SampleError(CORRUPT_MEDIA, f"cannot read video {name}: {e}") from None
 
 
 # ------------------------------------------------------------------------------ writing
@@ -222,17 +251,25 @@ def convert_jsonl(
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    media_roots: Sequence[str | os.PathLike] = (),
 ) -> DataStats:
     """Convert a JSONL file of conversations into ArrayRecord shards at `dst`.
 
-    Each line is parsed, its media are decoded once (`check_media`) and, when `check` is given
-    (e.g. a checkpoint's full transform), `check(messages)` runs and its dict is stored as the
-    record's meta. Bad lines are counted and skipped (an error when `strict`). Nothing is left at
-    `dst` when no sample could be written. Returns the counts (`samples` = records written).
+    Each line is parsed, its local media files must lie inside the JSONL file's folder or one of
+    `media_roots` (`check_media_roots`), they are decoded once (`check_media`) and, when `check`
+    is given (e.g. a checkpoint's full transform), `check(messages)` runs and its dict is stored
+    as the record's meta. Bad lines are counted and skipped (an error when `strict`). Nothing is
+    left at `dst` when no sample could be written. Returns the counts (`samples` = records
+    written).
     """
     from qwenvl_jax.loading.writer import atomic_dir
 
     source = JsonlSource(src)
+    roots = [source.path.parent]
+    for root in media_roots:
+        if not os.path.isdir(root):
+            raise InputError(f"media root not found: {root}")
+        roots.append(Path(os.path.realpath(root)))
     stats = DataStats()
     policy = SkipPolicy(strict)
     indices: Iterable[int] = range(len(source))
@@ -244,6 +281,7 @@ def convert_jsonl(
             record = source[i]
             try:
                 messages = record_messages(record)
+                check_media_roots(messages, roots)
                 check_media(messages)
                 meta = dict(check(messages)) if check is not None else {}
                 data = encode_record(messages, meta)

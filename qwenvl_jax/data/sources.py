@@ -21,8 +21,9 @@ Record forms (one JSON object per JSONL line; a TFDS example holds the same fiel
   box in pixels of the conversation's latest image before it (or of image number `"image_index"`,
   0-based). It is written out per family at training time (see transforms.py).
 
-Media paths are relative to the JSONL file's folder. In a TFDS example, images may be encoded
-bytes or `uint8[H, W, 3]` arrays and videos `uint8[T, H, W, 3]` arrays.
+Media paths are relative to the JSONL file's folder (`qwenvl-jax data` embeds only media files
+inside that folder or a `--media-root`, see arrayrecord.check_media_roots). In a TFDS example,
+images may be encoded bytes or `uint8[H, W, 3]` arrays and videos `uint8[T, H, W, 3]` arrays.
 """
 
 from __future__ import annotations

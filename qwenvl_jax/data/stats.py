@@ -23,7 +23,8 @@ MISSING_MEDIA = "missing_media"  # a media file that does not exist
 CORRUPT_MEDIA = "corrupt_media"  # a media file that cannot be decoded
 TOO_LONG = "too_long"  # more tokens than seq_len, or more patches / images than the budget
 NO_TARGET = "no_target"  # nothing to learn: no assistant turn with loss on assistant tokens
-REASONS = (MALFORMED, MISSING_MEDIA, CORRUPT_MEDIA, TOO_LONG, NO_TARGET)
+MEDIA_OUTSIDE_ROOT = "media_outside_root"  # `qwenvl-jax data`: a media file outside the media roots
+REASONS = (MALFORMED, MISSING_MEDIA, CORRUPT_MEDIA, TOO_LONG, NO_TARGET, MEDIA_OUTSIDE_ROOT)
 
 _WARN_FIRST = 20  # warn for each of the first skips, then every _WARN_EVERY-th
 _WARN_EVERY = 1000

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import tempfile
+import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,9 @@ class SampleTransform:
 
     loss_on: "assistant" (the replies and their end-of-turn markers) or "all" (every token
     except the image/video placeholders). max_tokens / max_patches / max_images: larger samples
-    raise SampleError(too_long). Every bad sample raises a SampleError or an InputError.
+    raise SampleError(too_long); a text too long for max_tokens by its size alone (no token
+    stands for more bytes than the longest one of the vocabulary) is refused before it is
+    tokenized. Every bad sample raises a SampleError or an InputError.
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class SampleTransform:
         self.max_tokens = max_tokens
         self.max_patches = max_patches
         self.max_images = max_images
+        self._token_bytes: int | None = None
 
     def __call__(self, record: RawRecord) -> Example:
         return self.example(record_messages(record))
@@ -161,6 +166,9 @@ class SampleTransform:
         images, videos = _media(messages)
         if videos:
             raise malformed("Qwen-VL v1 does not take videos")
+        self._check_text_length(
+            "".join(_text_of(m["content"]) for m in messages if m["role"] != "system")
+        )
         stand_in = _replace_images(messages, np.zeros((1, 1, 3), np.uint8))
 
         def ids_of(conversation: list[dict[str, Any]], generation_prompt: bool) -> np.ndarray:
@@ -198,6 +206,7 @@ class SampleTransform:
     def segments(self, messages: list[dict[str, Any]]) -> tuple[list[str], list[bool]]:
         """The rendered conversation cut into non-empty texts, and whether each is a reply."""
         full = self._render(messages, False)
+        self._check_text_length(full)
         cuts = [0]
         for start, end in assistant_spans(self._render, messages, full):
             if start < cuts[-1]:
@@ -277,6 +286,27 @@ class SampleTransform:
         )
         return pos[:, 0].astype(np.int32)
 
+    def _check_text_length(self, text: str) -> None:
+        """Raise SampleError(too_long) when `text` alone must give more than max_tokens tokens:
+        its UTF-8 size after NFC normalisation (what the tokenizers see) over the size of the
+        longest token. Cheap for texts that cannot be too long; nothing is tokenized."""
+        limit = self.max_tokens
+        if limit is None or 4 * len(text) <= limit:  # every token is at least one byte
+            return
+        size = len(unicodedata.normalize("NFC", text).encode("utf-8"))
+        if size <= limit:
+            return
+        if self._token_bytes is None:
+            vocab = range(self.processor.tokenizer.vocab_size)
+            pieces = self.processor.batch_decode([[i] for i in vocab], skip_special_tokens=False)
+            self._token_bytes = max(1, *(len(piece.encode("utf-8")) for piece in pieces))
+        least = math.ceil(size / self._token_bytes)
+        if least > limit:
+            raise SampleError(
+                TOO_LONG,
+                f"{size} bytes of text, so at least {least} tokens, more than the limit of {limit}",
+            )
+
     def _check_size(self, example: Example) -> None:
         limits = (
             ("tokens", example.num_tokens, self.max_tokens),
@@ -339,6 +369,13 @@ def _replace_images(messages: list[dict[str, Any]], stand_in: Any) -> list[dict[
             ]
         out.append({**message, "content": content})
     return out
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's content: a string, or its text entries joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(item.get("text", "") for item in content if item.get("type") == "text")
 
 
 def _merge_text(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
