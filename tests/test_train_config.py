@@ -1,11 +1,9 @@
-"""The training run config, the stage configs' freeze tables, the optimiser pieces, and the
-TensorBoard writer: everything of `train` that needs no compiled step."""
+"""The training run config, the stage configs' freeze tables and the optimiser pieces: everything
+of `train` that needs no compiled step (the metrics log is tests/test_train_metrics.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 
 import jax
 import numpy as np
@@ -17,7 +15,6 @@ from qwenvl_jax.cli import main
 from qwenvl_jax.config import FAMILIES, load_config
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.modeling import build_model
-from qwenvl_jax.train import metrics
 from qwenvl_jax.train.config import (
     from_dict,
     load_train_config,
@@ -216,40 +213,3 @@ def test_lr_scale_multiplies_the_update_of_matching_parameters():
     assert checked == {1.0, 0.25}
     with pytest.raises(ConfigError, match="lr_scale: regex 'vision.*' matches no trainable"):
         lr_factors(state, (("vision.*", 0.1),))
-
-
-def test_crc32c_known_value():
-    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    assert metrics.crc32c(b"") == 0
-
-
-def test_event_file_holds_the_scalars(tmp_path):
-    log = metrics.MetricsLog(tmp_path)
-    log.write({"step": 1, "loss": 2.5, "learning_rate": 1e-3, "tokens_per_s": 10.0})
-    log.write({"step": 2, "loss": 2.0, "learning_rate": 2e-3, "tokens_per_s": 12.0})
-    log.plot()
-    log.close()
-    assert [
-        json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
-    ] == [2.5, 2.0]
-    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    (events,) = (tmp_path / "tensorboard").iterdir()
-    records = metrics.read_records(events)  # CRCs checked
-    assert b"brain.Event:2" in records[0]
-    # the second scalar event: step 2, tag train/loss with float 2.0
-    assert metrics.encode_event(0.0, 2)[9:] in records[2]
-    assert b"train/loss" + b"\x15" + struct.pack("<f", 2.0) in records[2]
-
-
-def test_metrics_log_drops_steps_after_the_resumed_checkpoint(tmp_path):
-    log = metrics.MetricsLog(tmp_path, tensorboard=False)
-    for s in range(1, 6):
-        log.write({"step": s, "loss": float(s)})
-    log.close()
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 6, "lo')  # a line cut by SIGKILL
-    log = metrics.MetricsLog(tmp_path, resume_step=3, tensorboard=False)
-    log.write({"step": 4, "loss": 40.0})
-    log.close()
-    steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["loss"]) for r in steps] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

@@ -6,12 +6,20 @@ nothing but the checkpoint) and `data` (the data iterator's JSON state), plus `m
 asynchronous (the arrays are copied off the devices, then written in the background) and
 committed by an atomic rename, so a run killed at any moment leaves the previous checkpoints
 intact and an unfinished one that the next start ignores. Only the newest `keep` are kept.
+
+A committed checkpoint that cannot be read back (a file truncated by a full disk or a broken
+copy) raises CheckpointError with a one-line reason; `set_aside` renames it to
+`<step>.unreadable`, which Orbax does not count as a step, so the run can resume from an older one
+and save that step anew.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -37,6 +45,13 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The committed steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(step)
+
     def save(
         self, step: int, state: Any, frozen: Any, data_state: Any, meta: dict, *, wait: bool = False
     ) -> None:
@@ -55,8 +70,7 @@ class Checkpoints:
 
     def meta(self, step: int) -> dict:
         """The `meta` item of checkpoint `step` (the run config that wrote it), read alone."""
-        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return out["meta"]
+        return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
 
     def restore(
         self, step: int, abstract_state: Any, abstract_frozen: Any
@@ -71,20 +85,82 @@ class Checkpoints:
         has_frozen = bool(jax.tree.leaves(abstract_frozen))
         if has_frozen:
             items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # a checkpoint of another model or config, or a damaged one
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CheckpointError(
-                f"{self.directory / str(step)}: cannot restore ({type(e).__name__}: {first})"
-            ) from e
+        out = self._restore(step, **items)
         frozen = out["frozen"] if has_frozen else abstract_frozen
         return out["state"], frozen, out["data"]["iterator"], out["meta"]
+
+    def _restore(self, step: int, **items: Any) -> Any:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # a checkpoint of another model or config, or a damaged one
+            message = f"{self.path(step)}: cannot restore ({reason(e)})"
+            log.debug("restoring %s failed", self.path(step), exc_info=True)
+        _collect_abandoned_reads()
+        raise CheckpointError(message)
+
+    def set_aside(self, step: int) -> Path:
+        """Rename checkpoint `step` to `<step>.unreadable` (`.unreadable.1`, ... when taken), out
+        of the manager's steps; returns the new path. On a multi-host run the first process
+        renames and the others wait for it."""
+        target = self.directory / f"{step}.unreadable"
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.unreadable.{n}"
+        if jax.process_index() == 0:
+            self.path(step).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self.manager.reload()
+        return target
 
     def close(self) -> None:
         """Wait for a save in flight, then release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class _DropAsyncioErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _collect_abandoned_reads() -> None:
+    """Finalise the reads a failed restore left behind, quietly.
+
+    When one array read of a restore fails, Orbax closes its event loop with the other reads of
+    that restore still pending. Left to the garbage collector they are finalised at some later
+    moment (often at exit), each printing a traceback ("Exception ignored in: <coroutine ...>",
+    "Task exception was never retrieved"). Collecting them here, with those reports dropped,
+    keeps the one-line error or warning the only output."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not asyncio.iscoroutine(unraisable.object):
+            previous(unraisable)
+
+    drop = _DropAsyncioErrors()
+    asyncio_log = logging.getLogger("asyncio")
+    sys.unraisablehook = hook
+    asyncio_log.addFilter(drop)
+    try:
+        gc.collect()
+    finally:
+        asyncio_log.removeFilter(drop)
+        sys.unraisablehook = previous
+
+
+def reason(e: BaseException) -> str:
+    """`Type: message` of the innermost cause of `e`, on one line: Orbax wraps a TensorStore
+    read error in an exception whose text is the whole TensorStore spec, the cause names the
+    file and what is wrong with it."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    text = " ".join(lines)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class StopSignal:
@@ -110,4 +186,4 @@ class StopSignal:
         self._previous = {}
 
 
-__all__ = ["Checkpoints", "StopSignal"]
+__all__ = ["Checkpoints", "StopSignal", "reason"]

@@ -12,6 +12,7 @@ to `WORKDIR/model/` (an Orbax folder that `from_pretrained`, `generate` and `con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from flax import nnx
 
 from qwenvl_jax.config import ModelConfig, load_config
 from qwenvl_jax.data.batch import padding_share
-from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.errors import CheckpointError, ConfigError
 from qwenvl_jax.sharding import make_mesh
 from qwenvl_jax.train import blocks
 from qwenvl_jax.train.checkpoint import Checkpoints, StopSignal
@@ -184,56 +185,64 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
             f"batch_size {cfg.batch_size} does not divide over the "
             f"{rows} data-parallel devices of the mesh"
         )
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpts = Checkpoints(
-        workdir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
-    )
-    start = ckpts.latest_step()
-    if start is not None:
-        _check_same_run(cfg, ckpts.meta(start), ckpts.directory)
-    model = load_model(cfg, model_path, config, mesh, abstract=start is not None)
-    changed = blocks.configure(model, cfg.remat, cfg.scan_layers)
-    trainer = Trainer(model, cfg, mesh)
-    counts = summary(model, trainer.mask)
-    del model
-    log.info(
-        "%s stage %d: %s trainable, %s frozen parameters; mesh %s; %s",
-        config.family,
-        cfg.stage,
-        f"{counts['trainable']:,}",
-        f"{counts['frozen']:,}",
-        dict(mesh.shape),
-        changed,
-    )
+    # the data (its files, the tokenizer it needs) is checked before anything is written
     data = make_data(cfg, config, model_path)
-    if start is not None:
-        state, frozen, data_state, _ = ckpts.restore(
-            start, trainer.abstract_state(), trainer.abstract_frozen()
+    with contextlib.ExitStack() as cleanup:
+        # Stop the pipeline's prefetch threads on the way out: left to interpreter shutdown,
+        # Grain's iterator finalisers print tracebacks once their modules are gone.
+        close = getattr(data, "close", None)
+        if close is not None:
+            cleanup.callback(close)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ckpts = Checkpoints(
+            workdir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
         )
-        trainer.set_frozen(frozen)
-        data.set_state(data_state)
-        log.info("resumed from %s at step %d", ckpts.directory, start)
-    else:
-        start = 0
-        state = trainer.init_state()
-        if jax.process_index() == 0:
-            (workdir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    metrics = MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
-    peak = peak_flops(jax.devices()[0], cfg.peak_flops)
-    stop = StopSignal()
-    step, status = start, 0
-    pending: list[dict] = []
-    from tqdm import tqdm
+        cleanup.callback(ckpts.close)
+        model = load_model(cfg, model_path, config, mesh, abstract=bool(ckpts.steps()))
+        changed = blocks.configure(model, cfg.remat, cfg.scan_layers)
+        trainer = Trainer(model, cfg, mesh)
+        counts = summary(model, trainer.mask)
+        del model
+        log.info(
+            "%s stage %d: %s trainable, %s frozen parameters; mesh %s; %s",
+            config.family,
+            cfg.stage,
+            f"{counts['trainable']:,}",
+            f"{counts['frozen']:,}",
+            dict(mesh.shape),
+            changed,
+        )
+        resumed = resume(ckpts, cfg, trainer)
+        if resumed is not None:
+            start, state, frozen, data_state = resumed
+            trainer.set_frozen(frozen)
+            data.set_state(data_state)
+            log.info("resumed from %s at step %d", ckpts.directory, start)
+        else:
+            start = 0
+            state = trainer.init_state()
+            if jax.process_index() == 0:
+                text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+                (workdir / "train_config.json").write_text(text)
+        metrics = MetricsLog(workdir, resume_step=start, enabled=jax.process_index() == 0)
+        cleanup.callback(metrics.close)
+        cleanup.callback(metrics.plot)
+        peak = peak_flops(jax.devices()[0], cfg.peak_flops)
+        stop = StopSignal()
+        cleanup.callback(stop.restore)
+        step, status = start, 0
+        pending: list[dict] = []
+        from tqdm import tqdm
 
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        disable=not cfg.progress,
-        unit="step",
-        dynamic_ncols=True,
-        desc=f"stage {cfg.stage}",
-    )
-    try:
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            disable=not cfg.progress,
+            unit="step",
+            dynamic_ncols=True,
+            desc=f"stage {cfg.stage}",
+        )
+        cleanup.callback(bar.close)
         while step < cfg.steps:
             micro, dt, pad, flops = [], 0.0, [], 0.0
             for _ in range(cfg.grad_accum):
@@ -278,21 +287,43 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
                 break
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 ckpts.save(step, state, trainer.frozen, data.get_state(), _meta(cfg, step))
-    finally:
-        # Stop the pipeline's prefetch threads now: left to interpreter shutdown, Grain's
-        # iterator finalisers print tracebacks once their modules are gone.
-        close = getattr(data, "close", None)
-        if close is not None:
-            close()
-        del data
-        bar.close()
-        stop.restore()
-        ckpts.close()
-        metrics.plot()
-        metrics.close()
+    del data
     if status == 0:
         export_model(trainer.model(state), workdir / "model", model_path)
     return status
+
+
+def resume(
+    ckpts: Checkpoints, cfg: TrainConfig, trainer: Trainer
+) -> tuple[int, Any, Any, Any] | None:
+    """(step, state, frozen, data iterator state) of the newest checkpoint that reads back, or
+    None when there is no checkpoint. Newer ones that do not read back are set aside, each with a
+    warning; when none reads back, CheckpointError names the folder to remove."""
+    unreadable: list[tuple[int, CheckpointError]] = []
+    for step in ckpts.steps():
+        try:
+            _check_same_run(cfg, ckpts.meta(step), ckpts.directory)
+            state, frozen, data_state, _ = ckpts.restore(
+                step, trainer.abstract_state(), trainer.abstract_frozen()
+            )
+        except CheckpointError as e:
+            unreadable.append((step, e))
+            continue
+        for bad, e in unreadable:
+            moved = ckpts.set_aside(bad)
+            log.warning("%s; moved to %s, resuming from checkpoint %d", e, moved.name, step)
+        return step, state, frozen, data_state
+    if not unreadable:
+        return None
+    newest, e = unreadable[0]
+    if len(unreadable) == 1:
+        raise CheckpointError(
+            f"{e}; no other checkpoint: remove {ckpts.path(newest)} to start afresh"
+        )
+    raise CheckpointError(
+        f"{e}; the {len(unreadable) - 1} older ones do not read back either: "
+        f"remove {ckpts.directory} to start afresh"
+    )
 
 
 # Settings a resumed run must share with the run that wrote the checkpoints: they decide the
@@ -325,4 +356,12 @@ def _meta(cfg: TrainConfig, step: int) -> dict:
     return {"step": step, "time": time.time(), "config": cfg.to_dict()}
 
 
-__all__ = ["EXIT_PREEMPTED", "export_model", "load_model", "make_data", "run_mesh", "train"]
+__all__ = [
+    "EXIT_PREEMPTED",
+    "export_model",
+    "load_model",
+    "make_data",
+    "resume",
+    "run_mesh",
+    "train",
+]

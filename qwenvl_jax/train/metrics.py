@@ -1,10 +1,9 @@
 """Training metrics: `WORKDIR/metrics.jsonl`, TensorBoard event files, the loss plot, and the
 peak FLOP/s that MFU is measured against.
 
-TensorBoard is not a dependency: `EventWriter` writes its file format directly (TFRecord framing
-with masked CRC-32C around hand-encoded `Event` protos holding scalar summaries), which
-TensorBoard reads from `WORKDIR/tensorboard/`. A resumed run starts a new event file with a
-SessionLog START at the resumed step, so TensorBoard drops the steps the crash left behind.
+The TensorBoard event files in `WORKDIR/tensorboard/` are written by tensorboardX (scalars tagged
+`train/<key>`). A run resumed at step s starts a new event file that begins with a SessionLog
+START at step s + 1, so TensorBoard drops what the interrupted run logged after its checkpoint.
 """
 
 from __future__ import annotations
@@ -13,146 +12,15 @@ import json
 import logging
 import math
 import os
-import socket
-import struct
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-# ------------------------------------------------------------------------------ CRC-32C
-
-
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc_table()
-
-
-def crc32c(data: bytes) -> int:
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# ------------------------------------------------------------------------------ protobuf bits
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | wire) + payload
-
-
-def _bytes_field(number: int, data: bytes) -> bytes:
-    return _field(number, 2, _varint(len(data)) + data)
-
-
-def encode_event(
-    wall_time: float,
-    step: int,
-    *,
-    scalars: Mapping[str, float] | None = None,
-    file_version: str | None = None,
-    session_start: bool = False,
-) -> bytes:
-    """A tensorflow `Event` proto: wall_time (1), step (2), file_version (3), summary (5) of
-    simple_value scalars, session_log (6) with status START."""
-    out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        out += _bytes_field(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", v)))
-            for tag, v in scalars.items()
-        )
-        out += _bytes_field(5, values)
-    if session_start:
-        out += _bytes_field(6, _field(1, 0, _varint(1)))
-    return out
-
-
-def frame_record(data: bytes) -> bytes:
-    """TFRecord framing: length, masked CRC of the length, data, masked CRC of the data."""
-    header = struct.pack("<Q", len(data))
-    return (
-        header
-        + struct.pack("<I", masked_crc32c(header))
-        + data
-        + struct.pack("<I", masked_crc32c(data))
-    )
-
-
-def read_records(path: str | Path) -> list[bytes]:
-    """The records of a TFRecord file, CRCs checked (for tests and tools)."""
-    raw = Path(path).read_bytes()
-    out, i = [], 0
-    while i < len(raw):
-        header = raw[i : i + 8]
-        (n,) = struct.unpack("<Q", header)
-        (hc,) = struct.unpack("<I", raw[i + 8 : i + 12])
-        data = raw[i + 12 : i + 12 + n]
-        (dc,) = struct.unpack("<I", raw[i + 12 + n : i + 16 + n])
-        if hc != masked_crc32c(header) or dc != masked_crc32c(data):
-            raise ValueError(f"{path}: CRC mismatch at byte {i}")
-        out.append(data)
-        i += 16 + n
-    return out
-
-
-class EventWriter:
-    """Scalars to a TensorBoard event file in `logdir`."""
-
-    def __init__(self, logdir: str | Path, start_step: int = 0):
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
-        self.path = logdir / name
-        self._f = open(self.path, "ab")  # noqa: SIM115 (kept open for the run)
-        self._write(encode_event(time.time(), 0, file_version="brain.Event:2"))
-        if start_step:
-            self._write(encode_event(time.time(), start_step, session_start=True))
-
-    def _write(self, event: bytes) -> None:
-        self._f.write(frame_record(event))
-
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        finite = {
-            k: float(v)
-            for k, v in values.items()
-            if isinstance(v, int | float) and math.isfinite(v)
-        }
-        self._write(encode_event(time.time(), step, scalars=finite))
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
+# How often the event writer's thread flushes to disk: a run watched in TensorBoard shows its
+# steps within seconds; closing the log flushes the rest.
+EVENTS_FLUSH_SECS = 5
 
 # ------------------------------------------------------------------------------ the run's log
 
@@ -191,9 +59,17 @@ class MetricsLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
             os.replace(tmp, self.path)
         self._f = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
-        self.events = None
         if tensorboard:
-            self.events = EventWriter(self.workdir / "tensorboard", resume_step)
+            from tensorboardX import SummaryWriter
+
+            # tensorboardX names the file by the whole second; the suffix keeps each run's file
+            # apart and the names in start order, the order TensorBoard reads them in
+            self.events = SummaryWriter(
+                str(self.workdir / "tensorboard"),
+                purge_step=resume_step + 1,
+                flush_secs=EVENTS_FLUSH_SECS,
+                filename_suffix=f".{time.time_ns()}.{os.getpid()}",
+            )
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -203,7 +79,9 @@ class MetricsLog:
         self._f.flush()
         if self.events is not None:
             step = int(record["step"])
-            self.events.scalars(step, {f"train/{k}": v for k, v in record.items() if k != "step"})
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    self.events.add_scalar(f"train/{k}", float(v), step)
 
     def plot(self) -> Path | None:
         if not self.enabled:
@@ -309,12 +187,4 @@ def peak_flops(device: Any, override: float | None = None) -> float:
     return _measured[kind]
 
 
-__all__ = [
-    "EventWriter",
-    "MetricsLog",
-    "crc32c",
-    "encode_event",
-    "peak_flops",
-    "plot_losses",
-    "read_records",
-]
+__all__ = ["MetricsLog", "peak_flops", "plot_losses"]
