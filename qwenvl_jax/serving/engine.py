@@ -1,20 +1,24 @@
 """Continuous batching: a fixed set of decode slots over one preallocated KV cache.
 
-The cache holds `max_batch` rows of `max_len` slots each (k, v: [L, max_batch, max_len, K, hd]).
-A request owns one row while it runs. Its prompt is laid out as `qj.generate` lays out a batch of
-one: left-padded to its prompt-length bucket P (`Generator.prepare`), prefilled on its own into
-slots [0, P) of its row (the rest of the row cleared), and its s-th new token is fed at slot P + s
-with rotary position next_position + s. One jitted decode step advances every active row at once:
-the model's single-sequence decode is vmapped over the rows, so each row writes its own slot, sees
-only its own keys (segment ids per row) and keeps its own M-RoPE rope delta, and the per-row
-sampling settings (temperature, top_k, top_p, repetition penalty, seed) pick each row's token
-exactly as `qj.generate` would for that request alone.
+The cache holds `max_batch` rows of `max_len` slots (k, v: [L, max_batch, max_len, K, hd]); a
+request owns one row while it runs, and the rows are used as rings. Every decode step writes all
+rows at the same ring slot `write` (then moves it on), and a query attends to every slot of its
+own row that the row's segment ids mark, whatever their order: each row sees only its own keys.
+
+A request's prompt is laid out as `qj.generate` lays out a batch of one (`Generator.prepare`:
+left-padded to its prompt-length bucket P), prefilled on its own, and its keys and values are
+laid into the P ring slots before `write` (the rest of its row cleared). Its s-th new token is
+fed with rotary position next_position + s, so each row keeps its own M-RoPE rope delta, and the
+per-row sampling settings (temperature, top_k, top_p, repetition penalty, seed) pick its tokens
+as `qj.generate` would for that request alone. A request needs P + max_tokens <= max_len slots.
 
 Programs: the prefill compiles once per (prompt bucket, vision patch bucket, sampling mode), the
-decode once per set of sampling modes among the running requests; neither depends on which
-requests come and go. One background thread owns the device: it admits queued requests into free
-rows (prefill, a few prompt tokens' worth per step, interleaved with decoding), runs the decode
-step, detokenizes, applies the stop conditions and hands text to each request's `emit` callback.
+decode step once per set of sampling modes among the running requests; neither depends on which
+requests come and go. One background thread owns the device: it admits queued requests into
+free rows (up to `prefill_tokens` padded prompt tokens between two decode steps, at least one
+prompt), runs the decode step, detokenizes, applies the stop conditions (end-of-sequence ids,
+stop strings, max_tokens) and hands text to each request's `emit` callback. A cancelled request
+(its client went away) leaves its row at the next step.
 """
 
 from __future__ import annotations
