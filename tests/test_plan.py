@@ -162,7 +162,7 @@ def test_plan_for_a_tpu_slice():
     report = plan_mod.plan(cfg, "v5p:2x2x2")
     assert report["chips"] == 8 and report["chip"] == "v5p" and report["fits"]
     assert 0 < report["est_mfu"] <= 1 and report["est_step_s"] > 0
-    assert report["hbm_bytes"] == 95 * 2**30
+    assert report["hbm_bytes"] == int(95.74 * 2**30)
     assert np.isfinite(report["est_step_s"]) and report["loop_scale"] > 1
 
 
@@ -171,3 +171,12 @@ def test_a_missing_libtpu_says_how_to_install_it(monkeypatch, capsys):
     assert main(["plan", "--topology", "v5p:2x2x2", *RUN]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install "qwenvl_jax[tpu]"' in err
+
+
+def test_the_tpu_compilers_out_of_memory_refusal_is_read_as_the_answer():
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (3.20T) exceeds available HBM (95.74G)."
+    )
+    assert plan_mod._out_of_memory(message) == int(3.20 * 2**40)
+    assert plan_mod._out_of_memory("INTERNAL: something else") is None

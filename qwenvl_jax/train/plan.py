@@ -42,7 +42,7 @@ GIB = 2**30
 CHIPS = {
     "v4": {"hbm_bytes": 32 * GIB, "peak_flops": 275e12},
     "v5e": {"hbm_bytes": 16 * GIB, "peak_flops": 197e12},
-    "v5p": {"hbm_bytes": 95 * GIB, "peak_flops": 459e12},
+    "v5p": {"hbm_bytes": int(95.74 * GIB), "peak_flops": 459e12},  # the limit libtpu states
     "v6e": {"hbm_bytes": 32 * GIB, "peak_flops": 918e12},
 }
 _TPU_NAMES = {"v5litepod": "v5e", "v6litepod": "v6e"}
@@ -354,19 +354,50 @@ def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
         for k, (s, d) in shapes.items()
     }
     state, frozen = trainer.abstract_state(), trainer.abstract_frozen()
-    t0 = time.perf_counter()
-    compiled = trainer.compile(state, batch, frozen=frozen)
-    compile_s = time.perf_counter() - t0
-
-    mem = compiled.memory_analysis()
     chip = {
         "params": per_device_bytes(state["params"]),
         "optimizer": per_device_bytes(state["opt_state"]),
         "frozen": per_device_bytes(frozen),
         "batch": per_device_bytes(batch),
-        "temporaries": int(mem.temp_size_in_bytes),
-        "code": int(mem.generated_code_size_in_bytes),
     }
+    head = {
+        "topology": topo.name,
+        "chip": topo.chip,
+        "chips": len(topo.devices),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "family": config.family,
+        "model": cfg.model,
+        "stage": cfg.stage,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "vision_patches": int(shapes["vision.pixels"][0][0]) if "vision.pixels" in shapes else 0,
+        "remat": cfg.remat,
+        "scan_layers": cfg.scan_layers,
+        "hbm_bytes": topo.hbm_bytes,
+    }
+    t0 = time.perf_counter()
+    try:
+        compiled = trainer.compile(state, batch, frozen=frozen)
+    except jax.errors.JaxRuntimeError as e:
+        need = _out_of_memory(str(e))
+        if need is None:
+            raise
+        # the TPU compiler refuses a program whose temporaries exceed HBM: that is the answer
+        chip["temporaries"], chip["code"] = need, 0
+        chip["total"] = sum(chip.values())
+        return {
+            **head,
+            "per_chip_bytes": chip,
+            "fits": False,
+            "compile_s": time.perf_counter() - t0,
+            "est_step_s": None,
+            "est_mfu": None,
+        }
+    compile_s = time.perf_counter() - t0
+
+    mem = compiled.memory_analysis()
+    chip["temporaries"] = int(mem.temp_size_in_bytes)
+    chip["code"] = int(mem.generated_code_size_in_bytes)
     chip["total"] = int(
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
@@ -388,20 +419,8 @@ def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
     peak_all = topo.peak_flops * len(topo.devices)
     est_mfu = model_flops / (est * peak_all) if est > 0 else 0.0
     return {
-        "topology": topo.name,
-        "chip": topo.chip,
-        "chips": len(topo.devices),
-        "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "family": config.family,
-        "model": cfg.model,
-        "stage": cfg.stage,
-        "batch_size": cfg.batch_size,
-        "seq_len": cfg.seq_len,
-        "vision_patches": int(shapes["vision.pixels"][0][0]) if "vision.pixels" in shapes else 0,
-        "remat": cfg.remat,
-        "scan_layers": cfg.scan_layers,
+        **head,
         "per_chip_bytes": chip,
-        "hbm_bytes": topo.hbm_bytes,
         "fits": chip["total"] <= topo.hbm_bytes,
         "compile_s": compile_s,
         "compiler_flops_per_chip": float(cost.get("flops", 0.0)),
@@ -413,6 +432,17 @@ def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
         "model_flops": model_flops,
         "est_mfu": est_mfu,
     }
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def _out_of_memory(message: str) -> int | None:
+    """The bytes of temporaries a TPU compiler's out-of-memory refusal names, or None."""
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGTP]?)\)", message)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
 
 
 def format_plan(r: Mapping[str, Any]) -> str:
@@ -434,9 +464,14 @@ def format_plan(r: Mapping[str, Any]) -> str:
         f"  total        {gib(c['total'])} of {gib(r['hbm_bytes']).strip()} HBM: "
         + ("fits" if r["fits"] else "does NOT fit")
         + f" ({100 * (1 - c['total'] / r['hbm_bytes']):.0f}% to spare)" * bool(r["fits"]),
-        f"compile {r['compile_s']:.1f} s; estimated step {r['est_step_s']:.4g} s "
-        f"({r['est_source']}, loops x{r['loop_scale']:.2f}); MFU {100 * r['est_mfu']:.1f}%",
     ]
+    if r["est_step_s"] is None:
+        lines.append(f"compile {r['compile_s']:.1f} s: refused by the compiler (out of memory)")
+    else:
+        lines.append(
+            f"compile {r['compile_s']:.1f} s; estimated step {r['est_step_s']:.4g} s "
+            f"({r['est_source']}, loops x{r['loop_scale']:.2f}); MFU {100 * r['est_mfu']:.1f}%"
+        )
     return "\n".join(lines)
 
 
