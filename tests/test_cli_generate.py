@@ -1,6 +1,8 @@
-"""`qwenvl-jax generate`: --json token ids equal transformers' greedy `generate` for one and two
-images per family, streamed text, --draw, and one line with exit status 2 for each kind of bad
-input. The CLI runs in-process (`qwenvl_jax.cli.main`), once as a real subprocess."""
+"""`qwenvl-jax generate`: --greedy --json token ids equal transformers' greedy `generate` for one
+and two images per family, the checkpoint's generation_config.json defaults (a repetition penalty)
+against transformers' `generate()` defaults, streamed text, --draw, and one line with exit status 2
+for each kind of bad input. The CLI runs in-process (`qwenvl_jax.cli.main`), once as a real
+subprocess."""
 
 from __future__ import annotations
 
@@ -21,7 +23,14 @@ from PIL import Image
 import qwenvl_jax as qj
 from qwenvl_jax.cli import main
 from qwenvl_jax.commands.generate import build_messages
-from tests.checkpoints import load_hf, session_checkpoint, v1_checkpoint, v1_scenarios
+from tests.checkpoints import (
+    load_hf,
+    make_checkpoint,
+    session_checkpoint,
+    v1_checkpoint,
+    v1_scenarios,
+)
+from tests.test_generation_config import PENALIZED, narrow_vocabulary
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 NEW_TOKENS = 24
@@ -131,7 +140,7 @@ def hf_tokens(folder: Path, family: str, case: dict) -> list[int]:
 def test_json_matches_hf_generate(family, media, tmp_path_factory, capsys):
     folder = session_checkpoint(family, tmp_path_factory)
     for name, case in cases(family, media).items():
-        code, out, err = run_cli(capsys, *cli_args(folder, case, "--json"))
+        code, out, err = run_cli(capsys, *cli_args(folder, case, "--json", "--greedy"))
         assert code == 0, err
         result = json.loads(out)
         assert set(result) == {"text", "token_ids", "prompt_tokens", "timings"}
@@ -161,6 +170,7 @@ def test_qwen_vl_v1_json_matches_the_original_code(tmp_path_factory, capsys):
         "--max-new-tokens",
         str(NEW_TOKENS),
         "--json",
+        "--greedy",
     )
     assert code == 0, err
     result = json.loads(out)
@@ -171,10 +181,49 @@ def test_qwen_vl_v1_json_matches_the_original_code(tmp_path_factory, capsys):
 def test_streams_the_text(media, tmp_path_factory, capsys):
     folder = session_checkpoint("qwen2_vl", tmp_path_factory)
     case = cases("qwen2_vl", media)["one"]
-    code, out, err = run_cli(capsys, *cli_args(folder, case))
+    code, out, err = run_cli(capsys, *cli_args(folder, case, "--greedy"))
     assert code == 0, err
     processor = processor_of(folder)
     assert out == processor.decode(hf_tokens(folder, "qwen2_vl", case)) + "\n"
+
+
+def test_defaults_from_generation_config_and_greedy(media, tmp_path_factory, capsys):
+    """A folder whose generation_config.json asks for greedy decoding with a 1.05 repetition
+    penalty: without flags the CLI decodes so, as transformers' generate() does with its defaults;
+    --greedy decodes plainly; --repetition-penalty wins over the file."""
+    folder = make_checkpoint("qwen2_vl", tmp_path_factory.mktemp("penalized"), generation=PENALIZED)
+    processor = qj.Processor.from_pretrained(folder)
+    case = dict(images=[media["wide"]], prompt="Say it again and again: la la la, do re mi.")
+    messages = build_messages(case["images"], [], case["prompt"])
+    inputs = processor(messages)
+    stop = {*processor.eos_token_ids, processor.image_token_id}
+    narrow_vocabulary(
+        folder, set(inputs["input_ids"].ravel().tolist()) - stop | {*range(1000, 1700, 7)}
+    )
+    hf = load_hf(folder, "qwen2_vl")
+    assert hf.generation_config.repetition_penalty == 1.05
+
+    def hf_ids(**kw) -> list[int]:
+        with torch.no_grad():
+            out = hf.generate(
+                **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()},
+                max_new_tokens=NEW_TOKENS,
+                **kw,
+            )
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    def cli_ids(*extra: str) -> list[int]:
+        code, out, err = run_cli(capsys, *cli_args(folder, case, "--json", *extra))
+        assert code == 0, err
+        return json.loads(out)["token_ids"]
+
+    defaults = cli_ids()
+    greedy = cli_ids("--greedy")
+    assert defaults == hf_ids() and len(defaults) == NEW_TOKENS
+    assert greedy == hf_ids(repetition_penalty=1.0)
+    assert len(set(greedy)) < len(greedy) and greedy != defaults  # the penalty is at work
+    assert cli_ids("--greedy", "--repetition-penalty", "1.05") == defaults
+    assert cli_ids("--repetition-penalty", "1") == greedy
 
 
 def test_draw_writes_the_image(media, tmp_path_factory, tmp_path, capsys):
@@ -248,6 +297,8 @@ def bad_inputs(folder: Path, media: dict, tmp: Path) -> dict[str, tuple[list[str
         "truncated weights": (["--model", str(truncated), "--prompt", "Hi"], "safetensors"),
         "prompt too long": (["--model", str(folder), "--prompt", "hello " * 5000], "tokens"),
         "draw without image": (ok + ["--draw", str(tmp / "x.png")], "--image"),
+        "greedy with temperature": (ok + ["--greedy", "--temperature", "0.7"], "--temperature"),
+        "bad repetition penalty": (ok + ["--repetition-penalty", "0"], "repetition_penalty"),
     }
 
 
@@ -264,6 +315,8 @@ def bad_inputs(folder: Path, media: dict, tmp: Path) -> dict[str, tuple[list[str
         "truncated weights",
         "prompt too long",
         "draw without image",
+        "greedy with temperature",
+        "bad repetition penalty",
     ],
 )
 def test_bad_input_exits_2_with_one_line(name, media, tmp_path_factory, capsys):
@@ -271,6 +324,7 @@ def test_bad_input_exits_2_with_one_line(name, media, tmp_path_factory, capsys):
     tmp = tmp_path_factory.getbasetemp() / "cli_bad_inputs"
     tmp.mkdir(exist_ok=True)
     argv, word = bad_inputs(folder, media, tmp)[name]
+    capsys.readouterr()  # what writing the checkpoint printed
     code, out, err = run_cli(capsys, *argv)
     lines = err.strip().splitlines()
     assert code == 2, err

@@ -1,6 +1,8 @@
 """`qwenvl-jax generate`: answer one user turn (the images, then the videos, then the prompt) with a
 checkpoint, streaming the text, or printing one JSON object with `--json`; `--draw` writes the
-first image with the boxes the answer names.
+first image with the boxes the answer names. Sampling settings not given come from the checkpoint's
+generation_config.json, as in transformers; `--greedy` decodes greedily without a repetition
+penalty.
 
 Bad input (a missing or corrupt image or video, a folder that is not a checkpoint, a prompt longer
 than the model allows) raises a QwenVLError, which the CLI prints as one line with exit status 2.
