@@ -213,3 +213,27 @@ def test_lr_scale_multiplies_the_update_of_matching_parameters():
     assert checked == {1.0, 0.25}
     with pytest.raises(ConfigError, match="lr_scale: regex 'vision.*' matches no trainable"):
         lr_factors(state, (("vision.*", 0.1),))
+
+
+@pytest.mark.parametrize(
+    "devices, batch, experts, expected",
+    [
+        (1, 4, 0, (1, 1, 1, 1)),
+        (8, 16, 0, (1, 8, 1, 1)),  # Qwen2.5-VL-7B on v5p:2x2x2: FSDP over every chip
+        (8, 4, 0, (1, 4, 2, 1)),  # fewer rows than chips: tensor parallelism for the rest
+        (32, 32, 128, (1, 4, 1, 8)),  # Qwen3-VL-30B-A3B on v5p:2x4x4
+        (128, 128, 128, (1, 16, 1, 8)),  # Qwen3-VL-235B-A22B on v5p:4x4x8
+        (8, 6, 16, (1, 1, 4, 2)),  # 6 rows: 2 on the expert axis, 3 rows each, tensor 4
+    ],
+)
+def test_mesh_auto_chooses_fsdp_experts_then_tensor(devices, batch, experts, expected):
+    from qwenvl_jax.train.config import resolve_mesh
+
+    cfg = from_dict({"mesh": "auto"})
+    assert cfg.mesh.auto
+    m = resolve_mesh(cfg.mesh, devices, batch, experts)
+    assert (m.data, m.fsdp, m.tensor, m.expert) == expected and not m.auto
+    assert m.data * m.fsdp * m.tensor * m.expert == devices
+    assert batch % (m.data * m.fsdp * m.expert) == 0
+    explicit = from_dict({"mesh": {"fsdp": 2}}).mesh
+    assert resolve_mesh(explicit, devices, batch, experts) == explicit  # a given mesh wins

@@ -26,12 +26,29 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Devices per mesh axis; one axis may be -1 (all remaining devices)."""
+    """Devices per mesh axis; one axis may be -1 (all remaining devices). `mesh: auto` (auto=True)
+    leaves the choice to `resolve_mesh`, once the device count and the model are known."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    auto: bool = False
+
+
+def resolve_mesh(mc: MeshConfig, devices: int, batch_size: int, num_experts: int = 0) -> MeshConfig:
+    """The mesh to run on: `mc` itself unless it is auto. Auto: expert parallelism for a mixture
+    of experts (a power of two up to 8 dividing the experts, the devices and the batch), FSDP over
+    as many of the remaining devices as the batch's rows divide over, tensor parallelism over the
+    rest (a batch with fewer rows than devices still uses every device)."""
+    if not mc.auto:
+        return mc
+    expert = math.gcd(math.gcd(devices, num_experts), 8) if num_experts else 1
+    while expert > 1 and batch_size % expert:
+        expert //= 2
+    rest = devices // expert
+    fsdp = math.gcd(rest, batch_size // expert)
+    return MeshConfig(data=1, fsdp=fsdp, tensor=rest // fsdp, expert=expert)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,9 +225,13 @@ def from_dict(d: dict) -> TrainConfig:
     kw: dict[str, Any] = {}
     for k, v in d.items():
         if k == "mesh":
+            if v == "auto" or (isinstance(v, dict) and v.get("auto") is True):
+                kw[k] = MeshConfig(auto=True)
+                continue
             if not isinstance(v, dict):
-                raise ConfigError("mesh: expected a mapping of data/fsdp/tensor/expert")
-            mnames = {f.name for f in dataclasses.fields(MeshConfig)}
+                raise ConfigError("mesh: expected auto or a mapping of data/fsdp/tensor/expert")
+            v = {a: n for a, n in v.items() if a != "auto" or n is not False}
+            mnames = {f.name for f in dataclasses.fields(MeshConfig)} - {"auto"}
             bad = sorted(set(v) - mnames)
             if bad:
                 raise ConfigError(f"unknown mesh axis {bad[0]!r} (use data, fsdp, tensor, expert)")
@@ -313,7 +334,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dtype and param_dtype must be one of {DTYPES}")
     if cfg.remat not in REMAT_POLICIES:
         raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {cfg.remat!r}")
-    sizes = dataclasses.astuple(cfg.mesh)
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert)
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes must be positive with at most one -1, got {cfg.mesh}")
     for p in cfg.no_decay:
@@ -356,6 +377,7 @@ def resolve_model_path(model: str) -> str:
 __all__ = [
     "CONFIG_DIR",
     "MeshConfig",
+    "resolve_mesh",
     "TrainConfig",
     "from_dict",
     "load_train_config",

@@ -34,7 +34,7 @@ import numpy as np
 from qwenvl_jax.config import ModelConfig, V1VisionConfig, load_config
 from qwenvl_jax.data.batch import V1_PIXELS, empty_vision_batch, vision_fields
 from qwenvl_jax.errors import ConfigError
-from qwenvl_jax.train.config import TrainConfig, resolve_model_path
+from qwenvl_jax.train.config import TrainConfig, resolve_mesh, resolve_model_path
 
 GIB = 2**30
 
@@ -155,7 +155,9 @@ def build_trainer(cfg: TrainConfig, devices: list):
     if not cfg.model:
         raise ConfigError("model= is not set (a checkpoint folder or a preset name)")
     config = load_config(resolve_model_path(cfg.model))
-    mesh = run_mesh(cfg.mesh, devices)
+    mesh = run_mesh(
+        resolve_mesh(cfg.mesh, len(devices), cfg.batch_size, config.text.num_experts), devices
+    )
     rows = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if cfg.batch_size % rows:
         raise ConfigError(
@@ -365,6 +367,7 @@ def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
         "chip": topo.chip,
         "chips": len(topo.devices),
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "mesh_auto": cfg.mesh.auto,
         "family": config.family,
         "model": cfg.model,
         "stage": cfg.stage,
@@ -454,7 +457,8 @@ def format_plan(r: Mapping[str, Any]) -> str:
         f"{r['family']} ({r['model']}) stage {r['stage']}: {r['batch_size']} x {r['seq_len']} "
         f"tokens, {r['vision_patches']} vision patches, remat {r['remat']}, "
         f"scan_layers {r['scan_layers']}",
-        f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}",
+        f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}"
+        + (" (chosen: mesh auto)" if r.get("mesh_auto") else ""),
         "per chip:",
         f"  parameters   {gib(c['params'])}",
         f"  optimizer    {gib(c['optimizer'])}",
