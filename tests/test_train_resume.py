@@ -4,7 +4,8 @@ the same final weights.
 
 The runs are CLI subprocesses on a tiny Qwen2-VL with synthetic batches and the shipped stage 3
 config (ViT frozen), with gradient accumulation so the accumulator state is resumed too. They
-share a JAX compilation cache, so restarts skip most compiling.
+share a JAX compilation cache, so restarts skip most compiling. A newest checkpoint damaged on
+disk is set aside and the run resumes from the one before, to the same losses.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,7 +51,7 @@ ARGS = [
 ]
 
 
-def start(workdir: Path, cache: Path) -> subprocess.Popen:
+def start(workdir: Path, cache: Path, args: list[str] = ARGS) -> subprocess.Popen:
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO),
@@ -59,7 +61,7 @@ def start(workdir: Path, cache: Path) -> subprocess.Popen:
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
     return subprocess.Popen(
-        [sys.executable, "-m", "qwenvl_jax.cli", "train", "--workdir", str(workdir), *ARGS],
+        [sys.executable, "-m", "qwenvl_jax.cli", "train", "--workdir", str(workdir), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -92,6 +94,10 @@ def signal_after(proc: subprocess.Popen, workdir: Path, steps: int, sig: int) ->
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
     _, err = proc.communicate(timeout=400)
     return proc.returncode, err
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size
 
 
 def committed_checkpoints(workdir: Path) -> list[int]:
@@ -147,3 +153,58 @@ def test_sigterm_and_sigkill_resume_to_the_uninterrupted_losses(tmp_path):
     assert np.array_equal(vit, jax.device_get(init.visual.blocks[0].attn.qkv.kernel.get_value()))
     merger = jax.device_get(ours.visual.merger.fc1.kernel.get_value())
     assert not np.array_equal(merger, jax.device_get(init.visual.merger.fc1.kernel.get_value()))
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    """A checkpoint whose `meta` file or one of whose array files is cut short is set aside with a
+    one-line warning naming it; the run resumes from the checkpoint before and repeats the same
+    losses. With no checkpoint left to fall back to, the run refuses in one line."""
+    steps, every = 6, 3
+    args = [*ARGS, f"steps={steps}", f"checkpoint_every={every}"]
+    cache = tmp_path / "jax_cache"
+    ref_dir = tmp_path / "uninterrupted"
+    rc, err = finish(start(ref_dir, cache, args))
+    assert rc == 0, err[-2000:]
+    reference = records(ref_dir)
+    assert [r["step"] for r in reference] == list(range(1, steps + 1))
+    assert committed_checkpoints(ref_dir) == [every, steps]
+
+    newest = Path("checkpoints") / str(steps)
+    damage = {
+        "meta": lambda run: truncate(run / newest / "meta" / "metadata"),
+        "array": lambda run: truncate(
+            max((p for p in (run / newest / "state").rglob("*") if p.is_file()), key=file_size)
+        ),
+    }
+    for name, cut in damage.items():
+        run = tmp_path / name
+        shutil.copytree(ref_dir, run)
+        cut(run)
+        rc, err = finish(start(run, cache, args))
+        assert rc == 0, err[-2000:]
+        # the warning alone: no traceback, no reports of abandoned asyncio reads
+        assert len(err.splitlines()) == 1, err
+        (line,) = err.splitlines()
+        assert line.startswith(f"WARNING qwenvl_jax.train.loop: {run / newest}: cannot restore (")
+        assert line.endswith(f"moved to {steps}.unreadable, resuming from checkpoint {every}")
+        assert [r["loss"] for r in records(run)] == [r["loss"] for r in reference], name
+        assert committed_checkpoints(run) == [every, steps]
+        assert (run / "checkpoints" / f"{steps}.unreadable").is_dir()
+
+    # nothing to fall back to: one line naming the folder to remove, exit status 2
+    run = tmp_path / "alone"
+    shutil.copytree(ref_dir, run)
+    shutil.rmtree(run / "checkpoints" / str(every))
+    damage["array"](run)
+    rc, err = finish(start(run, cache, args))
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    (line,) = err.splitlines()
+    assert line.startswith(f"qwenvl-jax train: error: {run / newest}: cannot restore (")
+    assert line.endswith(f"no other checkpoint: remove {run / newest} to start afresh")
+    assert committed_checkpoints(run) == [steps]

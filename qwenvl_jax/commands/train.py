@@ -3,7 +3,8 @@
 Trains one stage (see configs/train/). Without --config, `model=` and `stage=` pick the family's
 stage config. Writes DIR/metrics.jsonl, TensorBoard events in DIR/tensorboard, DIR/loss.png,
 Orbax checkpoints in DIR/checkpoints and the trained model in DIR/model; started again on the
-same DIR it resumes from the newest checkpoint. SIGTERM saves a checkpoint and exits with 143.
+same DIR it resumes from the newest checkpoint that reads back (one that does not is renamed
+<step>.unreadable, with a warning). SIGTERM saves a checkpoint and exits with 143.
 """
 
 from __future__ import annotations

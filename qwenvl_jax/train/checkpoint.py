@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +43,6 @@ class Checkpoints:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def steps(self) -> list[int]:
         """The committed steps, newest first."""
@@ -122,34 +121,58 @@ class Checkpoints:
         self.manager.close()
 
 
-class _DropAsyncioErrors(logging.Filter):
+_ORBAX_DIR = f"{os.sep}orbax{os.sep}"
+
+
+def _from_abandoned_read(unraisable: Any) -> bool:
+    """Whether an unraisable exception comes from the reads a failed restore left behind: one of
+    Orbax's read coroutines finalised unfinished, or a TensorStore thread handing a finished read
+    to the closed event loop (RuntimeError in `call_soon_threadsafe`)."""
+    obj, exc = unraisable.object, unraisable.exc_value
+    if asyncio.iscoroutine(obj):
+        return _ORBAX_DIR in getattr(getattr(obj, "cr_code", None), "co_filename", "")
+    if obj is None and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        return any(f.name == "call_soon_threadsafe" for f in frames)
+    return False
+
+
+class _AbandonedReadTasks(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" reports of errors Orbax raised."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or "exception was never retrieved" not in record.getMessage():
+            return True
+        frames = traceback.extract_tb(exc.__traceback__)
+        return not any(_ORBAX_DIR in f.filename for f in frames)
+
+
+_quiet = False
 
 
 def _collect_abandoned_reads() -> None:
-    """Finalise the reads a failed restore left behind, quietly.
+    """Silence, then collect, the reads a failed restore left behind.
 
     When one array read of a restore fails, Orbax closes its event loop with the other reads of
-    that restore still pending. Left to the garbage collector they are finalised at some later
-    moment (often at exit), each printing a traceback ("Exception ignored in: <coroutine ...>",
-    "Task exception was never retrieved"). Collecting them here, with those reports dropped,
-    keeps the one-line error or warning the only output."""
-    previous = sys.unraisablehook
+    that restore still pending. They report themselves later, each with a traceback: TensorStore
+    threads whose reads finish find the loop closed ("Event loop is closed"), and the unfinished
+    coroutines and tasks, once garbage-collected, raise their read error again ("Exception
+    ignored in: <coroutine ...>", "Task exception was never retrieved"). From the first failed
+    restore on, those reports (and only those) are dropped for the rest of the process, so the
+    one-line warning or error is all a user sees."""
+    global _quiet
+    if not _quiet:
+        _quiet = True
+        previous = sys.unraisablehook
 
-    def hook(unraisable: Any) -> None:
-        if not asyncio.iscoroutine(unraisable.object):
-            previous(unraisable)
+        def hook(unraisable: Any) -> None:
+            if not _from_abandoned_read(unraisable):
+                previous(unraisable)
 
-    drop = _DropAsyncioErrors()
-    asyncio_log = logging.getLogger("asyncio")
-    sys.unraisablehook = hook
-    asyncio_log.addFilter(drop)
-    try:
-        gc.collect()
-    finally:
-        asyncio_log.removeFilter(drop)
-        sys.unraisablehook = previous
+        sys.unraisablehook = hook
+        logging.getLogger("asyncio").addFilter(_AbandonedReadTasks())
+    gc.collect()
 
 
 def reason(e: BaseException) -> str:

@@ -2,12 +2,13 @@
 
     train(cfg, workdir)
 
-builds the mesh, the model (the source weights, or only shapes when a checkpoint will be
-restored), the train step and the data iterator; resumes from the newest checkpoint under
-`WORKDIR/checkpoints/` when there is one; then runs `cfg.steps` optimiser steps with a progress
-bar (loss, tokens/s, MFU), writing `metrics.jsonl`, TensorBoard events and `loss.png`, saving a
-checkpoint every `checkpoint_every` steps and on SIGTERM, and finally exports the trained model
-to `WORKDIR/model/` (an Orbax folder that `from_pretrained`, `generate` and `convert` read).
+builds the mesh and the data iterator (both checked before anything is written), the model (the
+source weights, or only shapes when a checkpoint will be restored) and the train step; resumes
+from the newest checkpoint under `WORKDIR/checkpoints/` that reads back, when there is one; then
+runs `cfg.steps` optimiser steps with a progress bar (loss, tokens/s, MFU), writing
+`metrics.jsonl`, TensorBoard events and `loss.png`, saving a checkpoint every `checkpoint_every`
+steps and on SIGTERM, and finally exports the trained model to `WORKDIR/model/` (an Orbax folder
+that `from_pretrained`, `generate` and `convert` read).
 """
 
 from __future__ import annotations
