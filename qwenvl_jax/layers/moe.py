@@ -1,8 +1,11 @@
 """Sparse mixture of experts (Qwen3-VL-MoE): float32 router softmax, top-k, renormalised, with the
-experts computed as grouped matmuls (`jax.lax.ragged_dot`) over tokens sorted by expert."""
+experts computed as grouped matmuls over the token copies sorted by expert, dropless: on CPU a
+loop of tile-by-expert matmuls (`experts_tiled`), elsewhere `jax.lax.ragged_dot`
+(`experts_ragged`), chosen by the platform the step is compiled for."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -64,18 +67,151 @@ class SparseMoE(nnx.Module):
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         weights, experts = jax.lax.top_k(probs, self.top_k)  # [N, k]
         weights = (weights / jnp.sum(weights, axis=-1, keepdims=True)).astype(logits.dtype)
-
-        flat_experts = experts.reshape(-1)  # [N*k]
-        order = jnp.argsort(flat_experts, stable=True)
-        tokens = flat[order // self.top_k]  # [N*k, D], grouped by expert
-        group_sizes = jnp.bincount(flat_experts, length=self.num_experts).astype(jnp.int32)
-        h = jax.lax.ragged_dot(tokens, self.gate_up_proj[...].astype(self.dtype), group_sizes)
-        gate, up = jnp.split(h, 2, axis=-1)
-        h = ACTIVATIONS[self.act](gate) * up
-        y = jax.lax.ragged_dot(h, self.down_proj[...].astype(self.dtype), group_sizes)
-        y = jnp.zeros_like(y).at[order].set(y).reshape(B * T, self.top_k, D)
+        w_gate_up = self.gate_up_proj[...].astype(self.dtype)
+        w_down = self.down_proj[...].astype(self.dtype)
+        y = jax.lax.platform_dependent(
+            flat,
+            experts,
+            w_gate_up,
+            w_down,
+            cpu=functools.partial(experts_tiled, act=self.act),
+            default=functools.partial(experts_ragged, act=self.act),
+        )  # [N, k, D]: each token's output from each of its experts
         out = jnp.sum(y * weights[..., None], axis=1)
         return out.reshape(B, T, D), logits
+
+
+def experts_ragged(
+    x: jax.Array, experts: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, *, act: str
+) -> jax.Array:
+    """The experts as `jax.lax.ragged_dot` over the token copies sorted by expert.
+
+    x: float[N, D]; experts: int[N, k]; w_gate_up: float[E, D, 2I]; w_down: float[E, I, D]
+    -> float[N, k, D], the output of expert experts[n, j] on token n.
+    """
+    N, k = experts.shape
+    flat_experts = experts.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat_experts, stable=True)
+    tokens = x[order // k]  # [N*k, D], grouped by expert
+    group_sizes = jnp.bincount(flat_experts, length=w_gate_up.shape[0]).astype(jnp.int32)
+    h = jax.lax.ragged_dot(tokens, w_gate_up, group_sizes)
+    gate, up = jnp.split(h, 2, axis=-1)
+    h = ACTIVATIONS[act](gate) * up
+    y = jax.lax.ragged_dot(h, w_down, group_sizes)
+    return jnp.zeros_like(y).at[order].set(y).reshape(N, k, -1)
+
+
+def experts_tiled(
+    x: jax.Array, experts: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, *, act: str
+) -> jax.Array:
+    """The experts as a loop of tile-by-expert matmuls: the same result as `experts_ragged`.
+
+    On CPU, XLA expands `ragged_dot` into a dense product with every expert (E times the FLOPs).
+    Here each expert's token copies start at a multiple of the tile height, so every tile of rows
+    belongs to one expert and the loop multiplies each used tile by its expert's weights only:
+    the FLOPs of the routed tokens plus at most one partial tile per expert.
+    """
+    N, k = experts.shape
+    E = w_gate_up.shape[0]
+    # small batches (decoding) get small tiles: about one tile per expert
+    tile = min(128, max(8, 1 << (-(-N * k // E) - 1).bit_length()))
+    dest, src, tile_expert, used = _tile_layout(experts.reshape(-1), E, tile)
+    copies = jnp.repeat(x, k, axis=0)  # [N*k, D], copy j of token n at row n*k + j
+    h = _grouped_matmul(_take_rows(copies, src, dest), w_gate_up, tile_expert, used, tile)
+    gate, up = jnp.split(h, 2, axis=-1)
+    y = _grouped_matmul(ACTIVATIONS[act](gate) * up, w_down, tile_expert, used, tile)
+    return _take_rows(y, dest, src).reshape(N, k, -1)
+
+
+def _tile_layout(
+    flat_experts: jax.Array, num_experts: int, tile: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Rows of the tiled layout for the token copies routed to `flat_experts` int[M].
+
+    Returns dest int[M] (each copy's row), src int[R] (each row's copy, M for a padding row),
+    tile_expert int[R / tile] (the expert of each tile) and used int[] (tiles holding copies);
+    R = (ceil(M / tile) + E) * tile bounds the rows whatever the routing.
+    """
+    M = flat_experts.shape[0]
+    tiles = -(-M // tile) + num_experts
+    counts = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+    expert_tiles = (counts + tile - 1) // tile
+    tiles_end = jnp.cumsum(expert_tiles)
+    row_start = (tiles_end - expert_tiles) * tile  # first row of each expert
+    copy_start = jnp.cumsum(counts) - counts  # first copy of each expert in sorted order
+    order = jnp.argsort(flat_experts, stable=True)
+    sorted_experts = flat_experts[order]
+    rank = jnp.arange(M, dtype=jnp.int32) - copy_start[sorted_experts]
+    dest = jnp.zeros(M, jnp.int32).at[order].set(row_start[sorted_experts] + rank)
+    src = jnp.full(tiles * tile, M, jnp.int32).at[dest].set(jnp.arange(M, dtype=jnp.int32))
+    tile_expert = jnp.searchsorted(tiles_end, jnp.arange(tiles), side="right")
+    tile_expert = jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32)
+    return dest, src, tile_expert, tiles_end[-1]
+
+
+@jax.custom_vjp
+def _take_rows(a: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """a_ext[index], a_ext being `a` with a row of zeros appended (index len(a) reads zeros).
+
+    `inverse` maps each row of `a` to its row of the result (a one-to-one row map), so the
+    gradient is a gather too (the gradient of a gather would otherwise be a scatter-add).
+    """
+    return jnp.concatenate([a, jnp.zeros_like(a[:1])])[index]
+
+
+def _take_rows_fwd(a, index, inverse):
+    return _take_rows(a, index, inverse), (index, inverse)
+
+
+def _take_rows_bwd(res, g):
+    index, inverse = res
+    return jnp.concatenate([g, jnp.zeros_like(g[:1])])[inverse], None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _tile_loop(x, w, tile_expert, used, tile):
+    def body(t, out):
+        rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile)
+        y = jnp.dot(rows, w[tile_expert[t]]).astype(out.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, t * tile, 0)
+
+    return jax.lax.fori_loop(0, used, body, jnp.zeros((x.shape[0], w.shape[-1]), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_matmul(
+    x: jax.Array, w: jax.Array, tile_expert: jax.Array, used: jax.Array, tile: int
+) -> jax.Array:
+    """x float[R, K] (tiles of `tile` rows), w float[E, K, M] -> float[R, M]: each of the first
+    `used` tiles times the weights of its expert, the rows after them zero."""
+    return _tile_loop(x, w, tile_expert, used, tile)
+
+
+def _grouped_matmul_fwd(x, w, tile_expert, used, tile):
+    return _tile_loop(x, w, tile_expert, used, tile), (x, w, tile_expert, used)
+
+
+def _grouped_matmul_bwd(tile, res, g):
+    x, w, tile_expert, used = res
+
+    def body(t, carry):
+        dx, dw = carry
+        rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile)
+        g_rows = jax.lax.dynamic_slice_in_dim(g, t * tile, tile)
+        e = tile_expert[t]
+        dx_rows = jnp.dot(g_rows, w[e].T).astype(dx.dtype)
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_rows, t * tile, 0)
+        dw_e = dw[e] + jnp.dot(rows.T, g_rows, preferred_element_type=jnp.float32)
+        return dx, jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0)
+
+    init = (jnp.zeros_like(x), jnp.zeros(w.shape, jnp.float32))
+    dx, dw = jax.lax.fori_loop(0, used, body, init)
+    return dx, dw.astype(w.dtype), None, None
+
+
+_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 def load_balancing_loss(
