@@ -30,7 +30,7 @@ from qwenvl_jax.errors import CheckpointError, ConfigError
 from qwenvl_jax.sharding import make_mesh
 from qwenvl_jax.train import blocks
 from qwenvl_jax.train.checkpoint import Checkpoints, StopSignal
-from qwenvl_jax.train.config import MeshConfig, TrainConfig, resolve_model_path
+from qwenvl_jax.train.config import MeshConfig, TrainConfig, resolve_mesh, resolve_model_path
 from qwenvl_jax.train.flops import step_flops
 from qwenvl_jax.train.freeze import summary
 from qwenvl_jax.train.metrics import MetricsLog, peak_flops
@@ -179,7 +179,10 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
         )
     model_path = resolve_model_path(cfg.model)
     config = load_config(model_path)
-    mesh = run_mesh(cfg.mesh)
+    mc = resolve_mesh(cfg.mesh, jax.device_count(), cfg.batch_size, config.text.num_experts)
+    mesh = run_mesh(mc)
+    if cfg.mesh.auto and jax.process_index() == 0:
+        print(f"mesh (auto): {dict(mesh.shape)}", flush=True)
     rows = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if cfg.batch_size % rows:
         raise ConfigError(
