@@ -74,7 +74,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # master weights and optimiser state
     remat: str = "none"  # none | full | dots | dots_no_batch (per decoder / ViT block)
-    scan_layers: bool = False
+    scan_layers: bool = False  # accepted for old configs: decoder layers are always scanned
     aux_loss_coef: float | None = None  # MoE load balancing; None: the model config's value
     mesh: MeshConfig = field(default_factory=MeshConfig)
     # checkpoints and logging
