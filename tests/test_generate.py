@@ -27,6 +27,10 @@ from tests.checkpoints import load_hf, session_checkpoint, v1_checkpoint, v1_sce
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 NEW_TOKENS = 24
+# Plain greedy decoding, whatever the checkpoint's generation_config.json asks for (the released
+# files sample, and Qwen2.5-VL's adds a repetition penalty): tests/test_generation_config.py
+# covers those defaults.
+GREEDY = dict(do_sample=False, repetition_penalty=1.0)
 
 # (width, height) of the test pictures. Per family, the one-image and the two-image prompts fall in
 # the same patch and prompt-length buckets, so one compiled program pair serves both.
@@ -113,7 +117,9 @@ def test_greedy_matches_hf_generate(setup, case):
     convs = setup["conversations"]
     messages = [convs["one"], convs["two"]] if case == "batch" else convs[case]
     ref = hf_generate(setup["hf"], setup["processor"], messages)
-    out = qj.generate(setup["model"], setup["processor"], messages, max_new_tokens=NEW_TOKENS)
+    out = qj.generate(
+        setup["model"], setup["processor"], messages, max_new_tokens=NEW_TOKENS, **GREEDY
+    )
     outs = out if case == "batch" else [out]
     assert isinstance(out, list) == (case == "batch")
     assert [len(r) for r in ref] == [NEW_TOKENS] * len(ref)  # no early stop: 24 tokens compared
@@ -145,7 +151,9 @@ def test_video_matches_hf_generate(setup):
         }
     ]
     ref = hf_generate(setup["hf"], setup["processor"], messages)
-    out = qj.generate(setup["model"], setup["processor"], messages, max_new_tokens=NEW_TOKENS)
+    out = qj.generate(
+        setup["model"], setup["processor"], messages, max_new_tokens=NEW_TOKENS, **GREEDY
+    )
     assert len(ref[0]) == NEW_TOKENS and out.token_ids == ref[0]
 
 
@@ -232,7 +240,7 @@ def test_kv_cache_decoding_equals_full_forward(setup):
         tokens.append(token)
         ids[:, P + step], mask[:, P + step] = token, 1
         logits, cache = decode(state, cache, token, x.next_position + step, P + step)
-    out = qj.generate(model, processor, batch, max_new_tokens=NEW_TOKENS)
+    out = qj.generate(model, processor, batch, max_new_tokens=NEW_TOKENS, **GREEDY)
     assert [o.token_ids for o in out] == np.stack(tokens, 1).tolist()
 
 
@@ -240,7 +248,9 @@ def test_kv_cache_decoding_equals_full_forward(setup):
 def test_text_only_matches_hf_generate(setup):
     text_only = [{"role": "user", "content": "Write a short poem about the sea."}]
     ref = hf_generate(setup["hf"], setup["processor"], text_only)
-    out = qj.generate(setup["model"], setup["processor"], text_only, max_new_tokens=NEW_TOKENS)
+    out = qj.generate(
+        setup["model"], setup["processor"], text_only, max_new_tokens=NEW_TOKENS, **GREEDY
+    )
     assert len(ref[0]) == NEW_TOKENS and out.token_ids == ref[0]
 
 
@@ -252,7 +262,7 @@ def test_sampling_is_seeded_and_filtered(setup):
     a = qj.generate(model, processor, msg, seed=1, **kw)
     b = qj.generate(model, processor, msg, seed=1, **kw)
     c = qj.generate(model, processor, msg, seed=2, **kw)
-    greedy = qj.generate(model, processor, msg, max_new_tokens=NEW_TOKENS)
+    greedy = qj.generate(model, processor, msg, max_new_tokens=NEW_TOKENS, **GREEDY)
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
     assert a.token_ids != greedy.token_ids
@@ -319,7 +329,9 @@ def test_qwen_vl_v1_matches_the_original_code(tmp_path_factory):
     processor = qj.Processor.from_pretrained(folder)
     scenarios = {s["name"]: s for s in v1_scenarios()}
     batch = [scenarios[n] for n in ("astronaut_what", "coffee_grounding")]
-    outs = qj.generate(model, processor, [s["messages"] for s in batch], max_new_tokens=NEW_TOKENS)
+    outs = qj.generate(
+        model, processor, [s["messages"] for s in batch], max_new_tokens=NEW_TOKENS, **GREEDY
+    )
     assert [o.token_ids for o in outs] == [s["greedy"]["token_ids"] for s in batch]
     assert [o.prompt_tokens for o in outs] == [s["n_tokens"] for s in batch]
 

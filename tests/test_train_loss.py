@@ -17,7 +17,7 @@ from qwenvl_jax.loading.stacking import checkpoint_view
 from qwenvl_jax.sharding import make_mesh
 from qwenvl_jax.train.config import from_dict
 from qwenvl_jax.train.freeze import path_str
-from qwenvl_jax.train.step import Trainer, cross_entropy
+from qwenvl_jax.train.step import Trainer, chunked_cross_entropy, cross_entropy
 
 
 def test_cross_entropy_matches_a_numpy_reference():
@@ -30,6 +30,53 @@ def test_cross_entropy_matches_a_numpy_reference():
     expected = -(np.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask).sum()
     np.testing.assert_allclose(float(total), expected, rtol=1e-6)
     assert float(count) == mask.sum()
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 13, 0])
+def test_chunked_cross_entropy_equals_the_whole_batch_loss_and_gradients(chunk):
+    """The loss maps hidden states to logits a chunk of positions at a time (13 positions: the
+    last chunk padded); the sum, the count and the gradients (of the hidden states and of the
+    output projection) equal those of the whole batch's logits at once."""
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.standard_normal((3, 13, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((8, 21)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 21, (3, 13)))
+    mask = jnp.asarray(rng.random((3, 13)) < 0.7, jnp.float32)
+
+    def whole(h, w):
+        return cross_entropy(h @ w, targets, mask)
+
+    def chunked(h, w):
+        return chunked_cross_entropy(lambda x: x @ w, h, targets, mask, chunk)
+
+    (t0, c0), (t1, c1) = whole(hidden, w), chunked(hidden, w)
+    np.testing.assert_allclose(float(t1), float(t0), rtol=1e-6)
+    assert float(c1) == float(c0) == float(mask.sum())
+    g0 = jax.grad(lambda h, w: whole(h, w)[0], argnums=(0, 1))(hidden, w)
+    g1 = jax.grad(lambda h, w: chunked(h, w)[0], argnums=(0, 1))(hidden, w)
+    for a, b in zip(g0, g1):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_keeps_only_a_chunk_of_logits():
+    """Compiled, the chunked loss's largest temporary is a chunk of logits, not the batch's."""
+    hidden = jax.ShapeDtypeStruct((2, 4096, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((64, 8192), jnp.float32)
+    targets = jax.ShapeDtypeStruct((2, 4096), jnp.int32)
+    mask = jax.ShapeDtypeStruct((2, 4096), jnp.float32)
+
+    def temp_bytes(chunk):
+        def loss(h, w, t, m):
+            return chunked_cross_entropy(lambda x: x @ w, h, t, m, chunk)[0]
+
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return step.lower(hidden, w, targets, mask).compile().memory_analysis().temp_size_in_bytes
+
+    whole_logits = 2 * 4096 * 8192 * 4  # float32 logits of the batch
+    chunk_logits = whole_logits // 8
+    whole, chunked = temp_bytes(0), temp_bytes(512)
+    assert whole >= whole_logits  # the logits and their gradient, whole
+    assert chunked < 3 * chunk_logits and chunked < whole / 4  # the same, a chunk's worth
 
 
 def _hf_batch(ours, inputs, labels):

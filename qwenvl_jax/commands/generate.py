@@ -51,16 +51,35 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the user's text")
     p.add_argument("--system", metavar="TEXT", help="a system message")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
-    p.add_argument(
+    sampling = p.add_argument_group(
+        "sampling",
+        "Settings left out take the checkpoint's generation_config.json values (do_sample, "
+        "temperature, top_p, top_k, repetition_penalty), else transformers' defaults, as "
+        "transformers' generate() does. Qwen2.5-VL's file, for one, asks for a repetition "
+        "penalty of 1.05.",
+    )
+    sampling.add_argument(
+        "--greedy",
+        action="store_true",
+        help="plain greedy decoding: no sampling and no repetition penalty (unless "
+        "--repetition-penalty is given)",
+    )
+    sampling.add_argument(
         "--temperature",
         type=float,
-        default=0.0,
         metavar="T",
-        help="0 (the default) decodes greedily",
+        help="0 decodes greedily, > 0 samples",
     )
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
-    p.add_argument("--top-k", type=int, default=0, metavar="K")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
+    sampling.add_argument("--top-p", type=float, metavar="P", help="1 = off")
+    sampling.add_argument("--top-k", type=int, metavar="K", help="0 = off")
+    sampling.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help="divides the positive logits (multiplies the negative ones) of every token already "
+        "in the sequence, prompt included; 1 = off",
+    )
+    sampling.add_argument("--seed", type=int, default=0, metavar="S", help="the sampling seed")
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
@@ -187,13 +206,29 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(folder)
     if args.draw and not args.image:
         raise InputError("--draw needs an --image to draw on")
+    if args.greedy:
+        given = [f for f in ("temperature", "top_p", "top_k") if getattr(args, f) is not None]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise InputError(f"--greedy does not sample: leave out {flags}")
     _check_media(args.image, args.video)
 
-    from qwenvl_jax.inference.generate import generate
+    from qwenvl_jax.inference.generate import generate, sampling_settings
     from qwenvl_jax.modeling import from_pretrained
     from qwenvl_jax.processing.processor import Processor
 
     processor = Processor.from_pretrained(folder)
+    penalty = args.repetition_penalty
+    if args.greedy and penalty is None:
+        penalty = 1.0
+    settings = sampling_settings(
+        processor.generation_config,
+        do_sample=False if args.greedy else None,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=penalty,
+    )
     model = from_pretrained(folder, dtype=args.dtype or _default_dtype())
     messages = build_messages(args.image, args.video, args.prompt, args.system)
 
@@ -206,11 +241,9 @@ def run(args: argparse.Namespace) -> int:
         processor,
         messages,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
         seed=args.seed,
         stream=None if args.json else stream,
+        **settings._asdict(),
     )
     if args.json:
         timings = {

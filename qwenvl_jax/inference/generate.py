@@ -13,6 +13,11 @@ Device side: `prefill` runs the vision tower and the prompt, writes the KV cache
 M-RoPE axis (the prompt's rope delta carried on), updates the donated cache in place and samples
 the next token. A `Generator` per model keeps the compiled programs; the host loop streams text and
 stops at the checkpoint's end-of-sequence ids.
+
+Sampling settings (`sampling_settings`): the arguments given, else the checkpoint's
+generation_config.json, else transformers' defaults. A repetition penalty other than 1 adds a
+bool[B, vocab] mask of the ids seen so far to the device state, set from the prompt at prefill and
+updated by every decode step.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from qwenvl_jax.errors import InputError
-from qwenvl_jax.inference.sampling import SamplingMode, sample
+from qwenvl_jax.errors import ConfigError, InputError
+from qwenvl_jax.inference.sampling import SamplingMode, mark_seen, sample
 from qwenvl_jax.models.text import KVCache
 from qwenvl_jax.models.vision_inputs import bucket as patch_count_bucket
 from qwenvl_jax.sharding import shard, use_mesh
@@ -186,23 +191,38 @@ def decode_logits(
     return logits[:, -1], cache
 
 
+class Knobs(NamedTuple):
+    """The traced sampling values: seed uint32[], temperature float32[], top_k int32[],
+    top_p float32[], penalty float32[] (None when the mode has no repetition penalty)."""
+
+    seed: Any
+    temperature: Any
+    top_k: Any
+    top_p: Any
+    penalty: Any = None
+
+
+def _next_token(logits, step, seen, knobs: Knobs, mode: SamplingMode) -> jax.Array:
+    key = jax.random.fold_in(jax.random.key(knobs.seed), step)
+    t, k, p = knobs.temperature, knobs.top_k, knobs.top_p
+    return sample(logits, key, mode, t, k, p, knobs.penalty, seen)
+
+
 def _prefill(
     state,
     input_ids,
     segment_ids,
     position_ids,
     vision,
-    seed,
-    temperature,
-    top_k,
-    top_p,
+    knobs: Knobs,
     *,
     graphdef,
     mode: SamplingMode,
     ntk_alpha: float,
     cache_len: int,
 ):
-    """prefill_logits, then the first new token int32[B]."""
+    """prefill_logits, then (the first new token int32[B], the cache, seen): seen bool[B, vocab]
+    marks the ids of each prompt (None without a repetition penalty)."""
     model = nnx.merge(graphdef, state)
     logits, cache = prefill_logits(
         model,
@@ -213,34 +233,37 @@ def _prefill(
         cache_len=cache_len,
         ntk_alpha=ntk_alpha,
     )
-    key = jax.random.fold_in(jax.random.key(seed), 0)
-    return sample(logits, key, mode, temperature, top_k, top_p), cache
+    seen = None
+    if mode.penalty:
+        seen = shard(jnp.zeros(logits.shape, bool), ("batch", "act_vocab"))
+        seen = mark_seen(seen, input_ids, segment_ids != 0)
+    return _next_token(logits, 0, seen, knobs, mode), cache, seen
 
 
 def _decode(
     state,
     cache,
     tokens,
+    seen,
     next_position,
     first_slot,
     step,
-    seed,
-    temperature,
-    top_k,
-    top_p,
+    knobs: Knobs,
     *,
     graphdef,
     mode: SamplingMode,
     ntk_alpha: float,
 ):
     """Decode step `step`: feed each sequence's step-th new token at slot first_slot + step,
-    position next_position + step; returns (the next token int32[B], the cache)."""
+    position next_position + step, and mark it in seen; returns (the next token int32[B], the
+    cache, seen)."""
     model = nnx.merge(graphdef, state)
     logits, cache = decode_logits(
         model, cache, tokens, next_position + step, first_slot + step, ntk_alpha=ntk_alpha
     )
-    key = jax.random.fold_in(jax.random.key(seed), step + 1)
-    return sample(logits, key, mode, temperature, top_k, top_p), cache
+    if mode.penalty:
+        seen = mark_seen(seen, tokens)
+    return _next_token(logits, step + 1, seen, knobs, mode), cache, seen
 
 
 # ------------------------------------------------------------------------------ host side
@@ -352,7 +375,9 @@ class Generator:
         seed: int,
         stream: Callable[..., Any] | None,
         batched: bool,
+        repetition_penalty: float = 1.0,
     ) -> list[GenerateOutput]:
+        """Greedy when temperature == 0; repetition_penalty 1 = off."""
         model = self._model()
         t0 = time.perf_counter()
         prep = self.prepare(processor, conversations, max_new_tokens)
@@ -362,34 +387,39 @@ class Generator:
         prepare_s = time.perf_counter() - t0
 
         graphdef, state = nnx.split(model)
-        mode = SamplingMode.of(temperature, top_k, top_p)
-        knobs = (
+        mode = SamplingMode.of(temperature, top_k, top_p, repetition_penalty)
+        knobs = Knobs(
             np.uint32(seed % 2**32),
             np.float32(max(temperature, 1e-6)),
             np.int32(top_k),
             np.float32(top_p),
+            np.float32(repetition_penalty) if mode.penalty else None,
         )
         ntk = float(x.ntk_alpha)
-        prefill_args = (state, x.input_ids, x.segment_ids, x.position_ids, x.vision, *knobs)
+        prefill_args = (state, x.input_ids, x.segment_ids, x.position_ids, x.vision, knobs)
         with use_mesh(_mesh_of(state)):
             prefill, compile_s = self._program(
                 _prefill,
                 dict(graphdef=graphdef, mode=mode, ntk_alpha=ntk, cache_len=P + N),
                 prefill_args,
             )
-            tokens_aval, cache_aval = prefill.out_info
+            tokens_aval, cache_aval, seen_aval = prefill.out_info
             next_position = np.asarray(x.next_position, np.int32)
             decode_args = (
                 state,
                 cache_aval,
                 tokens_aval,
+                seen_aval,
                 next_position,
                 np.int32(P),
                 np.int32(0),
-                *knobs,
+                knobs,
             )
             decode, seconds = self._program(
-                _decode, dict(graphdef=graphdef, mode=mode, ntk_alpha=ntk), decode_args, donate=(1,)
+                _decode,
+                dict(graphdef=graphdef, mode=mode, ntk_alpha=ntk),
+                decode_args,
+                donate=(1, 3),
             )
         compile_s += seconds
 
@@ -405,12 +435,12 @@ class Generator:
         new: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)
         start = time.perf_counter()
-        token_dev, cache = prefill(*prefill_args)
+        token_dev, cache, seen = prefill(*prefill_args)
         step, first_at = 0, start
         while True:
             if step + 1 < max_new_tokens:  # queue the next step before waiting on this one
-                next_dev, cache = decode(
-                    state, cache, token_dev, next_position, np.int32(P), np.int32(step), *knobs
+                next_dev, cache, seen = decode(
+                    state, cache, token_dev, seen, next_position, np.int32(P), np.int32(step), knobs
                 )
             tokens = np.asarray(token_dev)
             if step == 0:
@@ -426,7 +456,7 @@ class Generator:
                 break
             token_dev = next_dev
         end = time.perf_counter()
-        del cache
+        del cache, seen
 
         decode_s = end - first_at
         timings = {
@@ -457,43 +487,135 @@ def _as_batch(messages: Any) -> tuple[list, bool]:
     return [list(c) for c in messages], True
 
 
+# transformers' defaults for the sampling settings that a checkpoint's generation_config.json
+# leaves out (GenerationConfig._get_default_generation_params).
+SAMPLING_DEFAULTS = {
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+}
+
+
+class Sampling(NamedTuple):
+    """The sampling settings of one call (see `sampling_settings`)."""
+
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def sampling_settings(
+    generation_config: Mapping[str, Any] | None = None,
+    *,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+) -> Sampling:
+    """Each setting: the one given when not None, else the checkpoint's generation_config.json
+    value, else transformers' default (SAMPLING_DEFAULTS), as transformers' `generate()` merges
+    them. A temperature > 0 given without do_sample asks for sampling.
+
+    Raises InputError for a bad value given, ConfigError for a bad value of the file."""
+    given = dict(
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+    )
+    given = {k: v for k, v in given.items() if v is not None}
+    settings = generation_config or {}
+    from_file = {k: settings[k] for k in SAMPLING_DEFAULTS if settings.get(k) is not None}
+    values = {**SAMPLING_DEFAULTS, **from_file, **given}
+    checks = {
+        "do_sample": (lambda v: isinstance(v, (bool, np.bool_)), "true or false"),
+        "temperature": (lambda v: v >= 0, ">= 0"),
+        "top_k": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "repetition_penalty": (lambda v: v > 0, "> 0"),
+    }
+    for name, (ok, want) in checks.items():
+        value = values[name]
+        try:
+            good = not isinstance(value, str) and bool(ok(value))
+        except (TypeError, ValueError, OverflowError):
+            good = False
+        if not good:
+            if name in given:
+                raise InputError(f"{name} must be {want}, got {value!r}")
+            raise ConfigError(f"generation_config.json: {name} must be {want}, got {value!r}")
+    if "temperature" in given and "do_sample" not in given:
+        values["do_sample"] = values["temperature"] > 0
+    return Sampling(
+        bool(values["do_sample"]),
+        float(values["temperature"]),
+        int(values["top_k"]),
+        float(values["top_p"]),
+        float(values["repetition_penalty"]),
+    )
+
+
 def generate(
     model: nnx.Module,
     processor: Any,
     messages_or_batch: Sequence[Any],
     max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
     seed: int = 0,
     stream: Callable[..., Any] | None = None,
+    *,
+    do_sample: bool | None = None,
+    repetition_penalty: float | None = None,
 ) -> GenerateOutput | list[GenerateOutput]:
     """Generate the assistant's answer to one conversation (HF chat format) or to each of a list
     of conversations; returns a GenerateOutput, or a list of them for a list.
 
-    Greedy when temperature == 0; else sampled with temperature, top_k (0 = off) and top_p
-    (1 = off) from the PRNG key of `seed`. Stops at the processor's end-of-sequence ids
-    (generation_config.json) or after max_new_tokens. `stream`, when given, receives each new
-    piece of text as it is produced: `stream(text)`, or `stream(index, text)` for a list.
+    Sampling settings left out (None) take the checkpoint's generation_config.json values
+    (`processor.generation_config`), else transformers' defaults (do_sample False, temperature 1,
+    top_k 50, top_p 1, repetition_penalty 1), as transformers' `generate()` does; given ones win,
+    and a temperature > 0 given without do_sample asks for sampling. Greedy when do_sample is
+    False or temperature == 0; else sampled with temperature, top_k (0 = off) and top_p (1 = off)
+    from the PRNG key of `seed`. Before either, repetition_penalty (1 = off) divides the positive
+    logits, and multiplies the negative ones, of every token id the sequence holds so far, prompt
+    included. Plain greedy decoding: do_sample=False, repetition_penalty=1.0.
+
+    Stops at the processor's end-of-sequence ids (generation_config.json) or after
+    max_new_tokens. `stream`, when given, receives each new piece of text as it is produced:
+    `stream(text)`, or `stream(index, text)` for a list.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise InputError(f"temperature must be >= 0, got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-    if top_k < 0:
-        raise InputError(f"top_k must be >= 0, got {top_k!r}")
+    settings = sampling_settings(
+        getattr(processor, "generation_config", None),
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+    )
     conversations, batched = _as_batch(messages_or_batch)
     outputs = Generator.for_model(model).generate(
         processor,
         conversations,
         max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
+        temperature=0.0 if settings.greedy else settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
         seed=int(seed),
         stream=stream,
         batched=batched,
+        repetition_penalty=settings.repetition_penalty,
     )
     return outputs if batched else outputs[0]

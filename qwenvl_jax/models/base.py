@@ -65,12 +65,15 @@ class VisionLanguageModel(nnx.Module):
         slots: jax.Array | None = None,
         ntk_alpha: float = 1.0,
         logits_to_keep: int = 0,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, KVCache | None, list[jax.Array]]:
         """input_ids int[B, T]; segment_ids int[B, T] (0 = padding); position_ids int[3, B, T];
         vision: the family's vision input or None (decode steps); ntk_alpha: Qwen-VL v1's static
         prefill factor (1.0 elsewhere), kept for decoding.
         Returns (logits float[B, T, vocab], the updated cache, router logits per MoE layer); with
-        logits_to_keep = n > 0, the logits of the last n positions only."""
+        logits_to_keep = n > 0, the logits of the last n positions only; with return_hidden,
+        the final hidden states float[B, T, D] instead of logits (`logits` maps them: the
+        training loss does, a chunk of the sequence at a time)."""
         x, deepstack = self.embed(input_ids, vision)
         hidden, cache, router = self.language_model(
             x,
@@ -84,6 +87,8 @@ class VisionLanguageModel(nnx.Module):
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        if return_hidden:
+            return hidden, cache, router
         return self.logits(hidden), cache, router
 
 

@@ -155,6 +155,7 @@ class Processor:
         eos_token_ids: Sequence[int],
         pad_token_id: int | None = None,
         padding_side: str | None = None,
+        generation_config: Mapping[str, Any] | None = None,
     ) -> None:
         if family not in FAMILIES:
             raise ConfigError(f"unsupported model family {family!r}; expected one of {FAMILIES}")
@@ -170,6 +171,8 @@ class Processor:
             pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side or tokenizer.padding_side
+        # generation_config.json as read: `qwenvl_jax.generate` takes its sampling defaults here
+        self.generation_config = dict(generation_config or {})
         ids = {}
         for token in (IMAGE_TOKEN, VIDEO_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN):
             ids[token] = tokenizer.token_to_id(token)
@@ -186,8 +189,9 @@ class Processor:
 
         Files read, each optional except tokenizer.json: config.json, tokenizer_config.json,
         processor_config.json, chat_template.json / chat_template.jinja, preprocessor_config.json,
-        video_preprocessor_config.json, generation_config.json. For model_type "qwen" this returns
-        a `qwenvl_jax.processing.qwen_vl_v1.QwenVLProcessor`.
+        video_preprocessor_config.json, generation_config.json (kept as `generation_config`, the
+        sampling defaults of `qwenvl_jax.generate`). For model_type "qwen" this returns a
+        `qwenvl_jax.processing.qwen_vl_v1.QwenVLProcessor`, with `generation_config` too.
         """
         path = Path(path)
         if not path.is_dir():
@@ -203,7 +207,9 @@ class Processor:
                     f"{path} is a Qwen-VL v1 checkpoint (model_type 'qwen'), whose processor "
                     "(qwenvl_jax.processing.qwen_vl_v1) is not available"
                 ) from None
-            return module.QwenVLProcessor.from_pretrained(path)
+            processor = module.QwenVLProcessor.from_pretrained(path)
+            processor.generation_config = read_json(path / "generation_config.json") or {}
+            return processor
         if family not in FAMILIES:
             raise ConfigError(
                 f"{path}: unsupported model_type {family!r}; expected one of {FAMILIES}"
@@ -221,9 +227,10 @@ class Processor:
             or read_json(path / "video_preprocessor_config.json")
             or image_dict
         )
+        generation_config = read_json(path / "generation_config.json") or {}
         pad_token_id = tokenizer.pad_token_id
         if pad_token_id is None:
-            pad_token_id = (read_json(path / "generation_config.json") or {}).get("pad_token_id")
+            pad_token_id = generation_config.get("pad_token_id")
         return cls(
             family=family,
             tokenizer=tokenizer,
@@ -232,6 +239,7 @@ class Processor:
             video_config=VideoConfig.defaults(family).updated(video_dict or {}),
             eos_token_ids=_eos_token_ids(path, tokenizer),
             pad_token_id=pad_token_id,
+            generation_config=generation_config,
         )
 
     # ----------------------------------------------------------------------------- text

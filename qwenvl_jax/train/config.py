@@ -75,6 +75,9 @@ class TrainConfig:
     param_dtype: str = "float32"  # master weights and optimiser state
     remat: str = "none"  # none | full | dots | dots_no_batch (per decoder / ViT block)
     scan_layers: bool = False  # accepted for old configs: decoder layers are always scanned
+    # The loss maps hidden states to logits this many positions of a row at a time (recomputed
+    # in the backward pass), so float32 logits of the whole batch never exist; 0: all at once.
+    loss_chunk: int = 512
     aux_loss_coef: float | None = None  # MoE load balancing; None: the model config's value
     mesh: MeshConfig = field(default_factory=MeshConfig)
     # checkpoints and logging
@@ -303,6 +306,7 @@ def validate(cfg: TrainConfig) -> None:
     positive("warmup_steps", cfg.warmup_steps, allow_zero=True)
     positive("weight_decay", cfg.weight_decay, allow_zero=True)
     positive("clip_norm", cfg.clip_norm, allow_zero=True)
+    positive("loss_chunk", cfg.loss_chunk, allow_zero=True)
     if not 0 <= cfg.end_learning_rate_ratio <= 1:
         raise ConfigError("end_learning_rate_ratio must be within [0, 1]")
     if cfg.dtype not in DTYPES or cfg.param_dtype not in DTYPES:

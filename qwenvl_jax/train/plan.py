@@ -1,0 +1,478 @@
+"""`qwenvl-jax plan`: the train step that `qwenvl-jax train` would run, compiled ahead of time for
+a device topology without weights or data.
+
+    report = plan(cfg, "v5p:2x2x2")
+
+The step is the trainer's own (train/step.py `Trainer` over the model the training config builds,
+with its freeze table, remat, layer scan and mesh); its inputs are abstract arrays with the
+shardings the trainer gives them, the batch shaped by `batch_size`, `seq_len` and the data config's
+vision budget. Topologies are TPU slices (`v5p:4x4x8`, `v5e:4x4`, ..., through libtpu: the `tpu`
+extra) or `cpu:N` (N host devices).
+
+The report holds per-chip memory (trainable parameters, optimizer state, frozen parameters, the
+batch, temporaries, total) from the compiler's memory analysis and the arrays' shardings, the chip's
+HBM and whether the step fits, the compile time, and the compiler's step-time estimate with the MFU
+it implies. XLA's cost analysis counts the body of a while loop once, whatever its trip count (a
+scanned decoder, the attention's loop over key blocks), so the estimate is scaled by the ratio of
+the step's matmul FLOPs with and without trip counts, both read from the compiled HLO
+(`hlo_matmul_flops`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from qwenvl_jax.config import ModelConfig, V1VisionConfig, load_config
+from qwenvl_jax.data.batch import V1_PIXELS, empty_vision_batch, vision_fields
+from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.train.config import TrainConfig, resolve_model_path
+
+GIB = 2**30
+
+# Per chip: HBM bytes and peak dense bf16 FLOP/s (Google's published figures).
+CHIPS = {
+    "v4": {"hbm_bytes": 32 * GIB, "peak_flops": 275e12},
+    "v5e": {"hbm_bytes": 16 * GIB, "peak_flops": 197e12},
+    "v5p": {"hbm_bytes": int(95.74 * GIB), "peak_flops": 459e12},  # the limit libtpu states
+    "v6e": {"hbm_bytes": 32 * GIB, "peak_flops": 918e12},
+}
+_TPU_NAMES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+LIBTPU_HINT = 'TPU topologies need libtpu: pip install "qwenvl_jax[tpu]"'
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    devices: list
+    chip: str
+    hbm_bytes: float
+    peak_flops: float
+
+
+def topology(name: str) -> Topology:
+    """The devices of `name`: `cpu:N` (N host devices of this process) or a TPU topology
+    (`v5p:2x2x2`, abstract devices through libtpu)."""
+    kind, _, shape = name.partition(":")
+    if not shape:
+        raise ConfigError(f"topology {name!r}: expected KIND:SHAPE, e.g. v5p:2x2x2 or cpu:8")
+    if kind == "cpu":
+        if not shape.isdigit() or int(shape) < 1:
+            raise ConfigError(f"topology {name!r}: cpu:N takes a device count")
+        n = int(shape)
+        devices = jax.devices("cpu")
+        if len(devices) < n:
+            raise ConfigError(
+                f"topology {name}: this process has {len(devices)} CPU devices "
+                f"(set XLA_FLAGS=--xla_force_host_platform_device_count={n})"
+            )
+        from qwenvl_jax.train.metrics import peak_flops
+
+        hbm = _host_memory_bytes() / n
+        return Topology(name, devices[:n], "cpu", hbm, peak_flops(devices[0]))
+    chip = _TPU_NAMES.get(kind, kind)
+    if chip not in CHIPS:
+        raise ConfigError(f"topology {name!r}: unknown chip {kind!r} (known: cpu, {sorted(CHIPS)})")
+    if not re.fullmatch(r"\d+(x\d+){1,2}", shape):
+        raise ConfigError(f"topology {name!r}: the shape must look like 2x2x2 or 4x4")
+    # compiling needs no chip: let several planning processes load libtpu at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ConfigError(LIBTPU_HINT) from None
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=f"{kind}:{shape}")
+    except Exception as e:  # libtpu's own message, one line
+        raise ConfigError(f"topology {name!r}: {str(e).splitlines()[0]}") from None
+    return Topology(name, list(desc.devices), chip, **CHIPS[chip])
+
+
+def _host_memory_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+# ---------------------------------------------------------------------------------- the batch
+
+
+def batch_shapes(cfg: TrainConfig, config: ModelConfig) -> dict[str, tuple[tuple, Any]]:
+    """(shape, dtype) of each entry of a training batch of this run: the batch contract
+    (data/batch.py) at `batch_size` x `seq_len`, with the data config's vision budget."""
+    from qwenvl_jax.data.pipeline import DataConfig
+
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    known = {k: v for k, v in dict(cfg.data).items() if k in names}
+    dc = DataConfig(
+        **{**known, "train": known.get("train") or "-"},
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+    )
+    if dc.max_patches is not None and dc.max_patches % 4:
+        raise ConfigError(f"data.max_patches must be a multiple of 4, got {dc.max_patches}")
+    max_patches, max_images = dc.patch_budget(config, cfg.batch_size)
+    B, L = cfg.batch_size, cfg.seq_len
+    shapes: dict[str, tuple[tuple, Any]] = {
+        "input_ids": ((B, L), np.int32),
+        "segment_ids": ((B, L), np.int32),
+        "position_ids": ((3, B, L), np.int32),
+        "targets": ((B, L), np.int32),
+        "loss_mask": ((B, L), np.float32),
+    }
+    if isinstance(config.vision, V1VisionConfig):
+        if max_images:
+            size = config.vision.image_size
+            shapes[V1_PIXELS] = ((max_images, 3, size, size), np.float32)
+    elif max_patches:
+        for k, v in vision_fields(empty_vision_batch(config.vision, max_patches)).items():
+            shapes[k] = (v.shape, v.dtype)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------- the step
+
+
+def build_trainer(cfg: TrainConfig, devices: list):
+    """(trainer, model config, mesh) of `cfg` on `devices`, the model abstract (shapes and
+    shardings only), configured with the run's remat and layer scan as `train` does."""
+    from qwenvl_jax.modeling import build_model
+    from qwenvl_jax.train import blocks
+    from qwenvl_jax.train.loop import run_mesh
+    from qwenvl_jax.train.step import Trainer
+
+    if not cfg.model:
+        raise ConfigError("model= is not set (a checkpoint folder or a preset name)")
+    config = load_config(resolve_model_path(cfg.model))
+    mesh = run_mesh(cfg.mesh, devices)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    if cfg.batch_size % rows:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} does not divide over the {rows} data-parallel "
+            "devices of the mesh"
+        )
+    model = build_model(
+        config, abstract=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh
+    )
+    blocks.configure(model, cfg.remat, cfg.scan_layers)
+    return Trainer(model, cfg, mesh), config, mesh
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded abstract arrays."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def full_batch_flops(config: ModelConfig, shapes: Mapping[str, tuple[tuple, Any]]) -> float:
+    """Model FLOPs of one step (train/flops.py) on a batch whose every token slot is a real token
+    (one sample a row) and whose vision budget is spent on images of 16 x 16 patches."""
+    from qwenvl_jax.train.flops import step_flops
+
+    B, L = shapes["input_ids"][0]
+    host: dict[str, np.ndarray] = {"segment_ids": np.ones((B, L), np.int32)}
+    if V1_PIXELS in shapes:
+        host[V1_PIXELS] = np.zeros((shapes[V1_PIXELS][0][0], 1), np.float32)
+    elif "vision.segment_ids" in shapes:
+        n = shapes["vision.segment_ids"][0][0]
+        host["vision.segment_ids"] = (np.arange(n) // 256 + 1).astype(np.int32)
+        host["vision.window_segment_ids"] = host["vision.segment_ids"]
+    return float(step_flops(config, host))
+
+
+# --------------------------------------------------------------------- FLOPs in the compiled HLO
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
+_OP = re.compile(r"^([\w\-]+)\((.*)$")
+_CALLED = re.compile(r"(?:calls|body|to_apply|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_SHAPE = re.compile(r"^[a-z]\w*\[([\d,]*)\]$")
+
+
+def _dims(shape: str) -> list[int] | None:
+    m = _SHAPE.match(shape)
+    if not m:
+        return None
+    return [int(d) for d in m.group(1).split(",") if d]
+
+
+def _operands(rest: str) -> list[str]:
+    head = rest.split(")", 1)[0]
+    return [a.strip().lstrip("%") for a in head.split(",") if a.strip()]
+
+
+def _split_instruction(text: str) -> tuple[str, str, str] | None:
+    """'TYPE op(operands), attributes' -> (TYPE without layout, op, 'operands), attributes');
+    TYPE may be a tuple '(s32[], f32[2]{0})'."""
+    if text.startswith("("):
+        depth, end = 0, len(text)
+        for pos, ch in enumerate(text):
+            depth += (ch == "(") - (ch == ")")
+            if depth == 0:
+                end = pos + 1
+                break
+        shape, rest = text[:end], text[end:].lstrip()
+    else:
+        shape, _, rest = text.partition(" ")
+        shape = shape.split("{", 1)[0]
+    m = _OP.match(rest)
+    return (shape, m.group(1), m.group(2)) if m else None
+
+
+def _parse_hlo(text: str) -> tuple[dict[str, list[tuple]], str | None]:
+    """{computation: [(name, shape, op, rest)]}, and the entry computation's name."""
+    comps: dict[str, list[tuple]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m.group(1)
+            comps[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        if current is None:
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            parsed = _split_instruction(m.group(2))
+            if parsed:
+                comps[current].append((m.group(1), *parsed))
+    return comps, entry
+
+
+def _dot_flops(out: list[int], lhs: list[int] | None, rest: str) -> float:
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    if lhs is None or not m:
+        return 0.0
+    k = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d)
+    return 2.0 * math.prod(out) * k
+
+
+def _conv_flops(out: list[int], rhs: list[int] | None, rest: str) -> float:
+    """Convolutions (TPU writes matmuls as 1x1 convolutions): 2 x output elements x the kernel's
+    elements per output feature (all kernel dims but 'o')."""
+    m = re.search(r"dim_labels=\w+_(\w+)->", rest)
+    if rhs is None or not m or len(m.group(1)) != len(rhs):
+        return 0.0
+    per_output = math.prod(d for label, d in zip(m.group(1), rhs) if label != "o")
+    return 2.0 * math.prod(out) * per_output
+
+
+def _trip_count(comps: dict[str, list[tuple]], condition: str, rest: str) -> int | None:
+    """A while loop's trip count: the backend's known_trip_count, else the constant bound of a
+    counted loop's `i < N` condition (the form fori_loop and scan lower to)."""
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+    if m:
+        return int(m.group(1))
+    body = comps.get(condition, [])
+    consts = {name: r for name, _, op, r in body if op == "constant"}
+    for _, _, op, r in body:
+        if op == "compare" and "direction=LT" in r:
+            for operand in _operands(r):
+                if operand in consts:
+                    value = re.match(r"\s*(-?\d+)\)", consts[operand])
+                    if value:
+                        return int(value.group(1))
+    return None
+
+
+def hlo_matmul_flops(text: str) -> dict[str, float]:
+    """The matmul FLOPs (dots and convolutions) of a compiled module's HLO text, per device:
+    `once` counting each while body once (as XLA's cost analysis does), `with_trips` counting it
+    its trip count times; conditionals count their costliest branch. `unknown_loops`: loops whose
+    trip count could not be read (counted once)."""
+    comps, entry = _parse_hlo(text)
+    memo: dict[tuple[str, bool], float] = {}
+    unknown: set[str] = set()
+
+    def cost(name: str, trips: bool) -> float:
+        key = (name, trips)
+        if key in memo:
+            return memo[key]
+        memo[key] = 0.0  # recursion guard
+        shapes = {n: _dims(s) for n, s, _, _ in comps.get(name, [])}
+        total = 0.0
+        for inst, _, op, rest in comps.get(name, []):
+            out = shapes.get(inst)
+            args = _operands(rest)
+            if op == "dot" and out is not None and args:
+                total += _dot_flops(out, shapes.get(args[0]), rest)
+            elif op == "convolution" and out is not None and len(args) > 1:
+                total += _conv_flops(out, shapes.get(args[1]), rest)
+            elif op == "while":
+                body = re.search(r"body=%?([\w.\-]+)", rest)
+                cond = re.search(r"condition=%?([\w.\-]+)", rest)
+                n = _trip_count(comps, cond.group(1), rest) if cond else None
+                if n is None:
+                    unknown.add(inst)
+                inner = cost(body.group(1), trips) if body else 0.0
+                total += inner * (n if trips and n is not None else 1)
+            elif op == "conditional":
+                m = _BRANCHES.search(rest)
+                branches = [b.strip().lstrip("%") for b in m.group(1).split(",")] if m else []
+                total += max((cost(b, trips) for b in branches), default=0.0)
+            elif op in ("fusion", "call", "custom-call", "async-start"):
+                total += sum(cost(c, trips) for c in _CALLED.findall(rest))
+        memo[key] = total
+        return total
+
+    if entry is None:
+        return {"once": 0.0, "with_trips": 0.0, "unknown_loops": 0}
+    once, with_trips = cost(entry, False), cost(entry, True)
+    return {"once": once, "with_trips": with_trips, "unknown_loops": len(unknown)}
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+
+def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
+    """Compile the run's train step for the topology and report memory, fit and speed."""
+    topo = topology(topology_name)
+    trainer, config, mesh = build_trainer(cfg, topo.devices)
+    shapes = batch_shapes(cfg, config)
+    batch = {
+        k: jax.ShapeDtypeStruct(s, d, sharding=trainer.batch_sharding(k, s))
+        for k, (s, d) in shapes.items()
+    }
+    state, frozen = trainer.abstract_state(), trainer.abstract_frozen()
+    chip = {
+        "params": per_device_bytes(state["params"]),
+        "optimizer": per_device_bytes(state["opt_state"]),
+        "frozen": per_device_bytes(frozen),
+        "batch": per_device_bytes(batch),
+    }
+    head = {
+        "topology": topo.name,
+        "chip": topo.chip,
+        "chips": len(topo.devices),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "family": config.family,
+        "model": cfg.model,
+        "stage": cfg.stage,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "vision_patches": int(shapes["vision.pixels"][0][0]) if "vision.pixels" in shapes else 0,
+        "remat": cfg.remat,
+        "scan_layers": cfg.scan_layers,
+        "hbm_bytes": topo.hbm_bytes,
+    }
+    t0 = time.perf_counter()
+    try:
+        compiled = trainer.compile(state, batch, frozen=frozen)
+    except jax.errors.JaxRuntimeError as e:
+        need = _out_of_memory(str(e))
+        if need is None:
+            raise
+        # the TPU compiler refuses a program whose temporaries exceed HBM: that is the answer
+        chip["temporaries"], chip["code"] = need, 0
+        chip["total"] = sum(chip.values())
+        return {
+            **head,
+            "per_chip_bytes": chip,
+            "fits": False,
+            "compile_s": time.perf_counter() - t0,
+            "est_step_s": None,
+            "est_mfu": None,
+        }
+    compile_s = time.perf_counter() - t0
+
+    mem = compiled.memory_analysis()
+    chip["temporaries"] = int(mem.temp_size_in_bytes)
+    chip["code"] = int(mem.generated_code_size_in_bytes)
+    chip["total"] = int(
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
+    flops = hlo_matmul_flops(compiled.as_text())
+    scale = flops["with_trips"] / flops["once"] if flops["once"] else 1.0
+    if float(cost.get("optimal_seconds", -1)) > 0:  # the TPU compiler gives -2 when it has none
+        est = float(cost["optimal_seconds"]) * scale
+        source = "compiler"
+    else:  # the host compiler gives no time: its FLOP count at the device's peak
+        est = float(cost.get("flops", 0.0)) * scale / topo.peak_flops
+        source = "compiler FLOPs / peak"
+    model_flops = full_batch_flops(config, shapes)  # one micro-batch: one compiled step
+    peak_all = topo.peak_flops * len(topo.devices)
+    est_mfu = model_flops / (est * peak_all) if est > 0 else 0.0
+    return {
+        **head,
+        "per_chip_bytes": chip,
+        "fits": chip["total"] <= topo.hbm_bytes,
+        "compile_s": compile_s,
+        "compiler_flops_per_chip": float(cost.get("flops", 0.0)),
+        "hlo_matmul_flops_per_chip": flops["with_trips"],
+        "loop_scale": scale,
+        "unknown_loops": flops["unknown_loops"],
+        "est_step_s": est,
+        "est_source": source,
+        "model_flops": model_flops,
+        "est_mfu": est_mfu,
+    }
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def _out_of_memory(message: str) -> int | None:
+    """The bytes of temporaries a TPU compiler's out-of-memory refusal names, or None."""
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGTP]?)\)", message)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
+def format_plan(r: Mapping[str, Any]) -> str:
+    def gib(b: float) -> str:
+        return f"{b / GIB:8.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:8.2f} MiB"
+
+    c = r["per_chip_bytes"]
+    lines = [
+        f"{r['family']} ({r['model']}) stage {r['stage']}: {r['batch_size']} x {r['seq_len']} "
+        f"tokens, {r['vision_patches']} vision patches, remat {r['remat']}, "
+        f"scan_layers {r['scan_layers']}",
+        f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}",
+        "per chip:",
+        f"  parameters   {gib(c['params'])}",
+        f"  optimizer    {gib(c['optimizer'])}",
+        f"  frozen       {gib(c['frozen'])}",
+        f"  batch        {gib(c['batch'])}",
+        f"  temporaries  {gib(c['temporaries'])}",
+        f"  total        {gib(c['total'])} of {gib(r['hbm_bytes']).strip()} HBM: "
+        + ("fits" if r["fits"] else "does NOT fit")
+        + f" ({100 * (1 - c['total'] / r['hbm_bytes']):.0f}% to spare)" * bool(r["fits"]),
+    ]
+    if r["est_step_s"] is None:
+        lines.append(f"compile {r['compile_s']:.1f} s: refused by the compiler (out of memory)")
+    else:
+        lines.append(
+            f"compile {r['compile_s']:.1f} s; estimated step {r['est_step_s']:.4g} s "
+            f"({r['est_source']}, loops x{r['loop_scale']:.2f}); MFU {100 * r['est_mfu']:.1f}%"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["CHIPS", "batch_shapes", "format_plan", "hlo_matmul_flops", "plan", "topology"]

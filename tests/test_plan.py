@@ -1,0 +1,182 @@
+"""`qwenvl-jax plan`: the train step compiled ahead of time for a topology, without weights or
+data. The plan's memory is that of the step the trainer compiles for a run; the matmul FLOPs read
+from the HLO count loop bodies by their trip counts (XLA's cost analysis counts them once), so the
+estimated MFU stays a real bound; a step that does not fit exits 2 in one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwenvl_jax.cli import main
+from qwenvl_jax.train import plan as plan_mod
+from qwenvl_jax.train.plan import hlo_matmul_flops
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = ["model=tiny_qwen2_vl", "stage=2", "batch_size=8", "seq_len=64", "data.max_patches=128"]
+
+
+def _compiled_text(fn, *args) -> tuple[str, float]:
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return compiled.as_text(), float(cost["flops"])
+
+
+def test_hlo_flops_of_plain_matmuls_equal_the_cost_analysis():
+    a = jnp.ones((64, 96), jnp.float32)
+    b = jnp.ones((96, 32), jnp.float32)
+    c = jnp.ones((32, 48), jnp.float32)
+    text, xla = _compiled_text(lambda a, b, c: (a @ b) @ c, a, b, c)
+    flops = hlo_matmul_flops(text)
+    expected = 2 * 64 * 96 * 32 + 2 * 64 * 32 * 48
+    assert flops["once"] == flops["with_trips"] == expected == xla
+    assert flops["unknown_loops"] == 0
+
+
+def test_hlo_flops_count_loop_bodies_by_their_trip_counts():
+    w = jnp.ones((5, 32, 32), jnp.float32)  # five stacked layers
+    x = jnp.ones((16, 32), jnp.float32)
+
+    def scanned(w, x):
+        return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+
+    def unrolled(w, x):
+        for i in range(5):
+            x = jnp.tanh(x @ w[i])
+        return x
+
+    def fori(w, x):
+        return jax.lax.fori_loop(0, 7, lambda i, h: jnp.tanh(h @ w[0]), x)
+
+    layer = 2 * 16 * 32 * 32
+    s_text, s_xla = _compiled_text(scanned, w, x)
+    u_text, _ = _compiled_text(unrolled, w, x)
+    f_text, _ = _compiled_text(fori, w, x)
+    s, u, f = hlo_matmul_flops(s_text), hlo_matmul_flops(u_text), hlo_matmul_flops(f_text)
+    assert s["once"] == layer and s["once"] <= s_xla < 2 * layer  # XLA: the body once
+    assert s["with_trips"] == u["with_trips"] == u["once"] == 5 * layer
+    assert f["with_trips"] == 7 * layer and f["once"] == layer
+    assert s["unknown_loops"] == f["unknown_loops"] == 0
+
+
+SCRIPT = r"""
+import json, sys
+import jax
+from qwenvl_jax.config import load_config
+from qwenvl_jax.modeling import build_model
+from qwenvl_jax.train import blocks
+from qwenvl_jax.train.config import load_train_config
+from qwenvl_jax.train.loop import make_data, run_mesh
+from qwenvl_jax.train.plan import plan
+from qwenvl_jax.train.step import Trainer
+
+assert len(jax.devices()) == 8
+cfg = load_train_config(None, json.loads(sys.argv[1]))
+report = plan(cfg, "cpu:8")
+
+# the step exactly as `train` builds and compiles it, with real weights and a real batch
+config = load_config(cfg.model)
+mesh = run_mesh(cfg.mesh)
+model = build_model(config, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
+blocks.configure(model, cfg.remat, cfg.scan_layers)
+trainer = Trainer(model, cfg, mesh)
+batch = trainer.put_batch(next(make_data(cfg, config, cfg.model)))
+state = trainer.init_state()
+mem = trainer.compile(state, batch).memory_analysis()
+print(json.dumps({"plan": report, "trainer": {
+    "argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+    "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes,
+    "code": mem.generated_code_size_in_bytes}}))
+"""
+
+
+def test_plan_on_8_devices_is_the_memory_of_the_trainers_step():
+    run = [*RUN, "data.train=synthetic", "remat=full", "scan_layers=true"]
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    plan, real = got["plan"], got["trainer"]
+    chip = plan["per_chip_bytes"]
+    assert chip["temporaries"] == real["temp"] and chip["code"] == real["code"]
+    total = real["argument"] + real["output"] - real["alias"] + real["temp"] + real["code"]
+    assert chip["total"] == total
+    assert plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
+    assert plan["vision_patches"] == 128 and plan["fits"]
+    # the scanned decoder and the attention loops are counted by their trip counts
+    assert plan["loop_scale"] > 1 and plan["unknown_loops"] == 0
+    assert 0 < plan["est_mfu"] <= 1, plan
+
+
+def test_cli_json_and_a_step_that_does_not_fit(monkeypatch, capsys):
+    monkeypatch.setattr(plan_mod, "_host_memory_bytes", lambda: 1e6)  # a 1 MB "chip"
+    code = main(["plan", "--topology", "cpu:1", "--json", *RUN, "remat=full"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    report = json.loads(out)
+    for key in ("fits", "per_chip_bytes", "hbm_bytes", "compile_s", "est_step_s", "est_mfu"):
+        assert key in report
+    assert report["fits"] is False and report["per_chip_bytes"]["total"] > 1e6
+    assert 0 < report["est_mfu"] <= 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "GiB per chip" in lines[0] and "cpu:1" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "topology, message",
+    [("v5p", "KIND:SHAPE"), ("tpu9:2x2", "unknown chip"), ("cpu:zero", "device count")],
+)
+def test_bad_topologies_are_one_line_errors(capsys, topology, message):
+    assert main(["plan", "--topology", topology, *RUN]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='libtpu is not installed (pip install "qwenvl_jax[tpu]"): TPU topologies need it',
+)
+def test_plan_for_a_tpu_slice():
+    from qwenvl_jax.train.config import load_train_config
+
+    cfg = load_train_config(None, [*RUN, "remat=full", "scan_layers=true"])
+    report = plan_mod.plan(cfg, "v5p:2x2x2")
+    assert report["chips"] == 8 and report["chip"] == "v5p" and report["fits"]
+    assert 0 < report["est_mfu"] <= 1 and report["est_step_s"] > 0
+    assert report["hbm_bytes"] == int(95.74 * 2**30)
+    assert np.isfinite(report["est_step_s"]) and report["loop_scale"] > 1
+
+
+def test_a_missing_libtpu_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` raises ImportError
+    assert main(["plan", "--topology", "v5p:2x2x2", *RUN]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'pip install "qwenvl_jax[tpu]"' in err
+
+
+def test_the_tpu_compilers_out_of_memory_refusal_is_read_as_the_answer():
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (3.20T) exceeds available HBM (95.74G)."
+    )
+    assert plan_mod._out_of_memory(message) == int(3.20 * 2**40)
+    assert plan_mod._out_of_memory("INTERNAL: something else") is None
