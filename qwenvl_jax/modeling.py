@@ -100,9 +100,13 @@ def path_str(path: tuple) -> str:
 
 
 def params_as_numpy(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Flat {dotted path: host array} of every parameter (gathered; use for small models)."""
+    """Flat {checkpoint path: host array} of every parameter, one entry per decoder layer as in
+    checkpoints (gathered; use for small models)."""
+    from qwenvl_jax.loading.stacking import checkpoint_view
+
     state = nnx.state(model, nnx.Param)
-    return {path_str(p): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(state)}
+    flat = {path_str(p): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(state)}
+    return checkpoint_view(flat, model.config.text)
 
 
 def load_hf_weights(
@@ -111,12 +115,17 @@ def load_hf_weights(
     """Fill an abstract (sharded) model from a checkpoint reader, one tensor at a time.
 
     Every checkpoint key must map to a parameter and every parameter must be filled; the error
-    names the first key or parameter that does not.
+    names the first key or parameter that does not. Decoder layers are written into their
+    stacked arrays in place (`loading.stacking.Stacker`).
     """
+    from qwenvl_jax.loading.stacking import Stacker, checkpoint_view
+
     graphdef, abs_state = nnx.split(abs_model)
-    flat = {path_str(p): v for p, v in nnx.to_flat_state(abs_state)}
+    model_flat = {path_str(p): v.get_raw_value() for p, v in nnx.to_flat_state(abs_state)}
+    flat = checkpoint_view(model_flat, abs_model.config.text)
+    stacker = Stacker(model_flat, abs_model.config.text)
+    values: set[str] = set()
     tied = getattr(abs_model.config.text, "tie_word_embeddings", False)
-    values: dict[str, jax.Array] = {}
     keys = list(reader.keys())
     it = keys
     if progress:
@@ -146,24 +155,26 @@ def load_hf_weights(
                 )
             if path in values:
                 raise CheckpointError(f"parameter {path} is written twice (last by {key!r})")
-            values[path] = _place(a, var, dtype)
+            values.add(path)
+            stacker.put(path, _place(a, var, dtype))
         del array
-    missing = sorted(set(flat) - set(values))
+    missing = sorted(set(flat) - values)
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), first: {missing[0]}")
+    placed = stacker.result()
     state = nnx.from_flat_state(
-        [(p, v.replace(values[path_str(p)])) for p, v in nnx.to_flat_state(abs_state)]
+        [(p, v.replace(placed[path_str(p)])) for p, v in nnx.to_flat_state(abs_state)]
     )
     return nnx.merge(graphdef, state)
 
 
-def _place(a: np.ndarray, var: nnx.Variable, dtype: Any) -> jax.Array:
-    """One host tensor -> a device array with the variable's sharding and dtype."""
-    target = jnp.dtype(var.dtype if dtype is None else dtype)
+def _place(a: np.ndarray, target: jax.ShapeDtypeStruct, dtype: Any) -> jax.Array:
+    """One host tensor -> a device array with the target's sharding and dtype."""
+    dtype = jnp.dtype(target.dtype if dtype is None else dtype)
     a = np.asarray(a)
-    if a.dtype != target:
-        a = a.astype(target)
-    sharding = getattr(var.get_raw_value(), "sharding", None)
+    if a.dtype != dtype:
+        a = a.astype(dtype)
+    sharding = getattr(target, "sharding", None)
     if sharding is None:
         sharding = SingleDeviceSharding(jax.devices()[0])
     if isinstance(sharding, NamedSharding) and sharding.spec == PartitionSpec():

@@ -47,6 +47,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("expert_mlp", "tensor"),
     ("router", None),
     ("norm", None),
+    ("layers", None),  # the stacked decoder layers: scanned over, never split across devices
     # vision parameters
     ("vit_patch", None),
     ("vit_embed", "fsdp"),
@@ -60,6 +61,7 @@ RULES: tuple[tuple[str, Any], ...] = (
 _abstract_var: contextvars.ContextVar[bool] = contextvars.ContextVar("abstract", default=False)
 _rules_var: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("rules", default=None)
 _mesh_var: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
+_stack_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("stack", default=None)
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1, devices=None) -> Mesh:
@@ -95,6 +97,17 @@ def abstract_params() -> Iterator[None]:
         yield
     finally:
         _abstract_var.reset(token)
+
+
+@contextlib.contextmanager
+def stacked_params(n: int) -> Iterator[None]:
+    """Within this context `param` creates `n` layers' parameters at once: shape [n, *shape]
+    with the logical axis "layers" in front, each layer initialised from its own key."""
+    token = _stack_var.set(n)
+    try:
+        yield
+    finally:
+        _stack_var.reset(token)
 
 
 def current_mesh() -> Mesh | None:
@@ -168,6 +181,9 @@ def param(
 ) -> nnx.Param:
     """A parameter with its logical axes attached as `sharding_axes` metadata."""
     assert len(axes) == len(shape), (shape, axes)
+    n = _stack_var.get()
+    if n is not None:
+        shape, axes = (n, *shape), ("layers", *axes)
     if _abstract_var.get():
         return nnx.Param(
             jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)),
@@ -175,7 +191,10 @@ def param(
             eager_sharding=False,
         )
     key = rngs.params() if rngs is not None else jax.random.key(0)
-    value = init(key, tuple(shape), dtype)
+    if n is None:
+        value = init(key, tuple(shape), dtype)
+    else:
+        value = jax.vmap(lambda k: init(k, tuple(shape[1:]), dtype))(jax.random.split(key, n))
     return nnx.Param(value, sharding_axes=tuple(axes), eager_sharding=False)
 
 

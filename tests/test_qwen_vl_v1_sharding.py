@@ -49,7 +49,7 @@ _SHARDED = textwrap.dedent("""
     specs = {k: str(v.sharding.spec) for k, v in (
         ("lm_head", sharded.lm_head.kernel[...]),
         ("vit_in_proj", sharded.visual.resblocks[0].attn.in_proj.kernel[...]),
-        ("q_proj", sharded.language_model.layers[0].self_attn.q_proj.kernel[...]))}
+        ("q_proj", sharded.language_model.runs[0].self_attn.q_proj.kernel[...]))}
     devices = len(sharded.lm_head.kernel[...].sharding.device_set)
     flat = nnx.to_flat_state(nnx.state(sharded))
     split = sum(any(a is not None for a in v.get_raw_value().sharding.spec) for _, v in flat)

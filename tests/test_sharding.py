@@ -36,10 +36,10 @@ model = qj.from_pretrained(folder, dtype="float32", mesh=mesh)
 specs = {str(p): v.get_raw_value().sharding.spec for p, v in nnx.to_flat_state(nnx.state(model))}
 sharded = [k for k, s in specs.items() if any(a is not None for a in s)]
 assert len(sharded) > len(specs) // 2, (len(sharded), len(specs))
-q = model.language_model.layers[0].self_attn.q_proj.kernel.get_raw_value()
-assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor"), q.sharding
+q = model.language_model.runs[0].self_attn.q_proj.kernel.get_raw_value()
+assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), q.sharding
 assert len(q.addressable_shards) == 8
-assert q.addressable_shards[0].data.shape == (q.shape[0] // 2, q.shape[1] // 2)
+assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2)
 
 x = model.prepare(**inputs)
 @nnx.jit

@@ -13,6 +13,7 @@ from hf_models import build_inputs, hf_model
 
 import qwenvl_jax as qj
 from qwenvl_jax.data.batch import vision_fields
+from qwenvl_jax.loading.stacking import checkpoint_view
 from qwenvl_jax.sharding import make_mesh
 from qwenvl_jax.train.config import from_dict
 from qwenvl_jax.train.freeze import path_str
@@ -129,6 +130,7 @@ def test_loss_and_gradients_match_transformers(family, tmp_path):
         assert float(aux["aux_loss"]) > 0.5
         np.testing.assert_allclose(float(aux["aux_loss"]), float(out.aux_loss.detach()), rtol=1e-5)
     g = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+    g = checkpoint_view(g, ours.config.text)  # one entry per decoder layer, as HF names them
     named = dict(ref.named_parameters())
     pairs = [
         ("lm_head.kernel", "lm_head.weight"),

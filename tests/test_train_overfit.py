@@ -48,7 +48,8 @@ def test_stage_overfits_one_batch(family, stage, lr, steps, share):
     mesh = make_mesh(devices=jax.devices()[:1])
     model = build_model(load_config(cfg.model), mesh=mesh, seed=0)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if path[0] in ("language_model", "lm_head") and var.ndim == 2:
+        stacked = "runs" in path  # decoder layers: [layers, ...]
+        if path[0] in ("language_model", "lm_head") and var.ndim - stacked == 2:
             var.set_value(var.get_value() * 12)
     assert configure(model, cfg.remat, cfg.scan_layers)["remat_blocks"] > 0
     trainer = Trainer(model, cfg, mesh)

@@ -1,7 +1,9 @@
 """Our Orbax checkpoint folders: save parameters in bounded groups, restore straight into shardings.
 
 A folder written here holds `params/` (an Orbax PyTree checkpoint of every parameter, a nested
-dict keyed by the parts of the dotted parameter path, `{"language_model": {"layers": {"0": ...}}}`),
+dict keyed by the parts of the dotted parameter path, `{"language_model": {"layers": {"0": ...}}}`,
+one entry per decoder layer: the model's stacked layers are unstacked on save and stacked back on
+restore, see loading/stacking.py),
 `qwenvl_jax.json` (the marker: format, family, dtype, and what the weights were converted from),
 config.json (the Hugging Face config, or our own `ModelConfig.to_dict()` format) and the
 tokenizer/processor files.
@@ -120,12 +122,21 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def flat_params(model: nnx.Module) -> dict[str, Any]:
-    """{dotted path: value} of every variable of `model` (arrays, or ShapeDtypeStructs)."""
+def model_params(model: nnx.Module) -> dict[str, Any]:
+    """{dotted model path: value} of every variable of `model` (arrays, or ShapeDtypeStructs);
+    stacked decoder layers as one [n, ...] value per run."""
     state = nnx.state(model)
     return {
         ".".join(str(p) for p in path): v.get_raw_value() for path, v in nnx.to_flat_state(state)
     }
+
+
+def flat_params(model: nnx.Module) -> dict[str, Any]:
+    """{checkpoint path: value} of every variable of `model`: one entry per decoder layer
+    (`stacking.checkpoint_view`; a device array's layers are `LayerSlice`s, taken on use)."""
+    from qwenvl_jax.loading.stacking import checkpoint_view
+
+    return checkpoint_view(model_params(model), model.config.text)
 
 
 def chunk_size(total_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -151,7 +162,9 @@ def group_by_size(items: Iterable[tuple[str, int]], limit: int) -> Iterator[list
 def _groups(params: Mapping[str, Any], chunk_bytes: int) -> Iterator[dict[str, Any]]:
     sizes = [(p, int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize) for p, a in params.items()]
     limit = chunk_size(sum(n for _, n in sizes), chunk_bytes)
-    return ({p: params[p] for p in names} for names in group_by_size(sizes, limit))
+    from qwenvl_jax.loading.stacking import materialize
+
+    return ({p: materialize(params[p]) for p in names} for names in group_by_size(sizes, limit))
 
 
 def save_param_groups(
@@ -298,20 +311,30 @@ def restore_params(
     return _flatten(tree)
 
 
-def restore_model(folder: str | os.PathLike[str], abstract_model: nnx.Module) -> nnx.Module:
+def restore_model(
+    folder: str | os.PathLike[str],
+    abstract_model: nnx.Module,
+    *,
+    group_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> nnx.Module:
     """The model of `abstract_model` (ShapeDtypeStruct leaves with shardings, as
     `build_model(..., abstract=True)` makes) with every variable read from an Orbax folder,
-    each straight into its sharded array in the abstract leaf's dtype."""
+    each straight into its sharded array in the abstract leaf's dtype. Per-layer entries are read
+    a group of at most `group_bytes` at a time and written into the stacked layers in place."""
+    from qwenvl_jax.loading.stacking import Stacker, checkpoint_view
+
     folder = Path(folder)
     graphdef, abs_state = nnx.split(abstract_model)
     flat = list(nnx.to_flat_state(abs_state))
-    targets = {}
+    model_targets = {}
     for path, var in flat:
         leaf = var.get_raw_value()
         sharding = getattr(leaf, "sharding", None)
-        targets[".".join(str(p) for p in path)] = jax.ShapeDtypeStruct(
+        model_targets[".".join(str(p) for p in path)] = jax.ShapeDtypeStruct(
             leaf.shape, leaf.dtype, sharding=sharding
         )
+    text = abstract_model.config.text
+    targets = checkpoint_view(model_targets, text)
     stored = stored_params(folder)
     extra = sorted(set(stored) - set(targets))
     if extra:
@@ -319,11 +342,19 @@ def restore_model(folder: str | os.PathLike[str], abstract_model: nnx.Module) ->
         raise CheckpointError(
             f"{folder}: stored parameter {extra[0]}{more} is not a parameter of this model"
         )
-    arrays = restore_params(folder, targets, stored=stored)
+    check_stored(folder, targets, stored)
+    stacker = Stacker(model_targets, text)
+    sizes = ((p, int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize) for p, t in targets.items())
+    for group in group_by_size(sizes, group_bytes):
+        arrays = restore_params(folder, {p: targets[p] for p in group}, stored=stored)
+        for path in group:
+            stacker.put(path, arrays.pop(path))
+        del arrays
+    values = stacker.result()
     state = nnx.from_flat_state(
-        [(path, var.replace(arrays[".".join(str(p) for p in path)])) for path, var in flat]
+        [(path, var.replace(values[".".join(str(p) for p in path)])) for path, var in flat]
     )
-    logger.info("%s: %d parameters restored", folder, len(flat))
+    logger.info("%s: %d parameters restored", folder, len(targets))
     return nnx.merge(graphdef, state)
 
 

@@ -4,6 +4,13 @@ Families differ only through TextConfig: q/k/v bias (Qwen2, v1), per-head q/k RM
 layers (Qwen3-MoE), M-RoPE layout, and the v1 numerics (rotary in float32, dynamic NTK, logn
 attention). A KV cache is passed in and returned functionally: per layer (k, v) float[B, S, K, hd],
 with one int[B, S] segment-id row per batch that marks the written, non-padded slots.
+
+The decoder layers are stored stacked: each run of consecutive layers of the same kind (dense or
+MoE, see `layer_runs`) is one `DecoderLayer` whose parameters are [n, ...] arrays with the logical
+axis "layers" in front (`runs.{r}.*`), and runs with `jax.lax.scan` over those arrays and the
+[L, ...] KV cache in training, prefill and decoding alike, so XLA compiles one layer body per run
+whatever the depth. The scan body runs under the model's remat policy (`remat`, "none" by default).
+Checkpoints keep one entry per layer (`layers.{i}.*`); see `loading/stacking.py`.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from qwenvl_jax.layers.linear import Embed, Linear
 from qwenvl_jax.layers.mlp import GatedMLP
 from qwenvl_jax.layers.moe import SparseMoE
 from qwenvl_jax.layers.norms import RMSNorm
+from qwenvl_jax.layers.remat import checkpointed
 from qwenvl_jax.layers.rope import apply_rope, inv_freq, mrope_axes, rope_angles
-from qwenvl_jax.sharding import shard
+from qwenvl_jax.sharding import shard, stacked_params
 
 
 class KVCache(NamedTuple):
@@ -44,6 +52,18 @@ def ntk_alpha(length: int, seq_length: int) -> float:
     """Qwen-VL v1 dynamic NTK: 1 up to seq_length tokens, then 3, 7, 15, ..."""
     ratio = math.log(length / seq_length, 2) + 1 if length > 0 else 0
     return max(2 ** math.ceil(ratio) - 1, 1)
+
+
+def layer_runs(cfg: TextConfig) -> list[tuple[int, int]]:
+    """[lo, hi) of every run of consecutive decoder layers of the same kind (dense or MoE), in
+    order: one stacked group of parameters and one scanned layer body each."""
+    kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
+    runs, lo = [], 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[lo]:
+            runs.append((lo, i))
+            lo = i
+    return runs
 
 
 class Attention(nnx.Module):
@@ -86,12 +106,15 @@ class Attention(nnx.Module):
         if layer_cache is None:
             keys, values, kv_seg, kv_slots, new_cache = k, v, segment_ids, slots, None
         else:
-            # Write this step's k/v into the stacked cache in place (it is donated by callers).
+            # Write this step's k/v into layer i of the cache in place (it is donated by callers
+            # and carried through the scan over layers).
             k_all, v_all, i = layer_cache
-            at = (i, 0, cache_index, 0, 0)
+            zero = jnp.zeros((), jnp.int32)
+            at = (i, zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
             k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-            keys, values = k_all[i], v_all[i]
+            keys = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
+            values = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
             kv_seg = cache_segment_ids
             kv_slots = jnp.broadcast_to(jnp.arange(keys.shape[1]), kv_seg.shape)
             new_cache = (k_all, v_all)
@@ -110,6 +133,10 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    """One decoder layer; built under `stacked_params(n)`, the n layers of a run (whose
+    parameters are then [n, ...]: call it on one layer's slice of its state, as `TextModel`
+    does)."""
+
     def __init__(
         self, cfg: TextConfig, index: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None
     ):
@@ -178,12 +205,12 @@ class TextModel(nnx.Module):
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.layers = nnx.List(
-            [
-                DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for i in range(cfg.num_hidden_layers)
-            ]
-        )
+        self.remat = "none"
+        runs = []
+        for lo, hi in layer_runs(cfg):
+            with stacked_params(hi - lo):
+                runs.append(DecoderLayer(cfg, lo, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+        self.runs = nnx.List(runs)
         self.norm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
         )
@@ -229,14 +256,30 @@ class TextModel(nnx.Module):
                 cache.segment_ids, segment_ids.astype(jnp.int32), start, axis=1
             )
         kv = None if cache is None else (cache.k, cache.v)
-        router = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if kv is None else (*kv, i)
-            with jax.named_scope(f"layer_{i}"):
+        n_deep = 0 if deepstack is None else deepstack.shape[0]
+        router: list[jax.Array] = []
+        for (lo, hi), run in zip(layer_runs(self.cfg), self.runs):
+            graphdef, stacked = nnx.split(run)
+
+            def body(carry, xs, graphdef=graphdef, deep=lo < n_deep):
+                x, kv = carry
+                state, i = xs
+                layer_cache = None if kv is None else (*kv, i)
+                layer = nnx.merge(graphdef, state)
                 x, kv, rl = layer(x, angles, segment_ids, slots, layer_cache, cache_seg, start)
-            if deepstack is not None and i < deepstack.shape[0]:
-                x = x + deepstack[i].astype(x.dtype)
-            if rl is not None:
-                router.append(rl)
+                if deep:  # DeepStack features enter after layers 0..n_deep-1
+                    d = jax.lax.dynamic_index_in_dim(
+                        deepstack, jnp.minimum(i, n_deep - 1), keepdims=False
+                    )
+                    x = x + jnp.where(i < n_deep, d.astype(x.dtype), jnp.zeros((), x.dtype))
+                return (x, kv), rl
+
+            body = checkpointed(body, self.remat, prevent_cse=False)
+            with jax.named_scope(f"layers_{lo}_{hi}"):
+                (x, kv), rls = jax.lax.scan(
+                    body, (x, kv), (stacked, jnp.arange(lo, hi, dtype=jnp.int32))
+                )
+            if rls is not None:
+                router += list(rls)
         new_cache = None if cache is None else KVCache(kv[0], kv[1], cache_seg)
         return self.norm(x), new_cache, router

@@ -27,6 +27,7 @@ from qwenvl_jax.layers.attention import dot_product_attention
 from qwenvl_jax.layers.linear import Linear
 from qwenvl_jax.layers.mlp import MLP
 from qwenvl_jax.layers.norms import LayerNorm
+from qwenvl_jax.layers.remat import call_block
 from qwenvl_jax.sharding import normal, param, shard
 
 POS_TABLE = 256  # visual.py: nn.Parameter(torch.randn(256, width)), a 16x16 grid
@@ -350,6 +351,7 @@ class VisionTransformerV1(nnx.Module):
         )
         self.ln_pre = LayerNorm(W, eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.resblocks = nnx.List([VisualAttentionBlock(cfg, **kw) for _ in range(cfg.layers)])
+        self.remat = "none"  # the remat policy each block runs under (layers/remat.py)
         self.attn_pool = Resampler(cfg, **kw)
         self.ln_post = LayerNorm(
             cfg.output_dim, eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs
@@ -377,7 +379,7 @@ class VisionTransformerV1(nnx.Module):
         x = shard(self.ln_pre(x), ("batch", None, "act_embed"))
         for i, block in enumerate(self.resblocks):
             with jax.named_scope(f"vit_block_{i}"):
-                x = shard(block(x), ("batch", None, "act_embed"))
+                x = shard(call_block(block, self.remat, x), ("batch", None, "act_embed"))
         with jax.named_scope("resampler"):
             x = self.attn_pool(x)
         x = self.ln_post(x)

@@ -20,6 +20,7 @@ from qwenvl_jax.layers.attention import dot_product_attention
 from qwenvl_jax.layers.linear import Linear
 from qwenvl_jax.layers.mlp import MLP, GatedMLP
 from qwenvl_jax.layers.norms import LayerNorm, make_norm
+from qwenvl_jax.layers.remat import call_block
 from qwenvl_jax.layers.rope import apply_rope, inv_freq, rope_angles
 from qwenvl_jax.models.vision_inputs import VisionBatch
 from qwenvl_jax.sharding import normal, param, shard
@@ -136,6 +137,7 @@ class VisionTower(nnx.Module):
         else:
             self.pos_embed = None
         self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.remat = "none"  # the remat policy each block runs under (layers/remat.py)
         self.merger = PatchMerger(cfg, **kw)
         self.deepstack_merger_list = nnx.List(
             [PatchMerger(cfg, postshuffle=True, **kw) for _ in cfg.deepstack_visual_indexes]
@@ -159,7 +161,7 @@ class VisionTower(nnx.Module):
             full = not windowed or i in cfg.fullatt_block_indexes
             seg = batch.segment_ids if full else batch.window_segment_ids
             with jax.named_scope(f"vit_block_{i}"):
-                x = block(x, angles, seg)
+                x = call_block(block, self.remat, x, angles, seg)
             if i in cfg.deepstack_visual_indexes:
                 j = cfg.deepstack_visual_indexes.index(i)
                 deepstack.append(self.deepstack_merger_list[j](x)[batch.unperm])

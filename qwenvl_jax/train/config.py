@@ -91,7 +91,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # master weights and optimiser state
     remat: str = "none"  # none | full | dots | dots_no_batch (per decoder / ViT block)
-    scan_layers: bool = False
+    scan_layers: bool = False  # accepted for old configs: decoder layers are always scanned
     # The loss maps hidden states to logits this many positions of a row at a time (recomputed
     # in the backward pass), so float32 logits of the whole batch never exist; 0: all at once.
     loss_chunk: int = 512

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qwenvl_jax.sharding import axes_of
 from qwenvl_jax.train.config import TrainConfig
 from qwenvl_jax.train.freeze import first_match, path_str
 
@@ -39,11 +40,13 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 def decay_mask(params: nnx.State, no_decay: tuple[str, ...] = ()) -> nnx.State:
     """True for parameters that get weight decay: matrices (and stacked expert tensors), not norm
-    scales or biases (1-D), nor paths matching a `no_decay` regex."""
+    scales or biases (1-D per layer: the "layers" axis of stacked decoder layers is not counted),
+    nor paths matching a `no_decay` regex."""
     rx = [re.compile(p) for p in no_decay]
 
     def decays(path: str, v) -> bool:
-        return v.ndim >= 2 and not any(r.fullmatch(path) for r in rx)
+        per_layer = v.ndim - (axes_of(v)[:1] == ("layers",))
+        return per_layer >= 2 and not any(r.fullmatch(path) for r in rx)
 
     return nnx.from_flat_state(
         [(p, v.replace(decays(path_str(p), v))) for p, v in nnx.to_flat_state(params)]

@@ -1,0 +1,188 @@
+"""Decoder layers stacked by construction and scanned: the same logits, losses and gradients as
+running the layers one by one (float32, 1e-5 relative), for every family (remat under the scan:
+tests/test_train_step.py); a compiled program whose size does not grow with the depth; and
+checkpoints that keep one entry per layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qwenvl_jax.config import load_config
+from qwenvl_jax.errors import CheckpointError
+from qwenvl_jax.loading import orbax_io
+from qwenvl_jax.loading.stacking import checkpoint_view
+from qwenvl_jax.modeling import build_model, from_pretrained, params_as_numpy
+from qwenvl_jax.models.text import TextModel, layer_runs
+from qwenvl_jax.sharding import make_mesh
+from qwenvl_jax.train.config import from_dict
+from qwenvl_jax.train.freeze import path_str
+from qwenvl_jax.train.step import Trainer, batch_to_model_inputs
+from qwenvl_jax.train.synthetic import SyntheticBatches
+
+FAMILIES = ["tiny_qwen_vl", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl"]
+FAMILIES += ["tiny_qwen3_vl_moe"]
+
+
+def per_layer_call(
+    self,
+    embeds,
+    position_ids,
+    segment_ids,
+    *,
+    slots=None,
+    cache=None,
+    cache_index=None,
+    deepstack=None,
+    ntk_alpha=1.0,
+):
+    """The reference: `TextModel.__call__` as a Python loop over the layers, each layer a
+    module of its own made of its slice of the stacked parameters (no scan, no cache)."""
+    assert cache is None
+    B, T, _ = embeds.shape
+    x = embeds.astype(self.dtype)
+    angles = self.rope(position_ids, ntk_alpha)
+    slots = jnp.broadcast_to(jnp.arange(T), (B, T)) if slots is None else slots
+    router = []
+    for (lo, hi), run in zip(layer_runs(self.cfg), self.runs):
+        graphdef, state = nnx.split(run)
+        for j in range(hi - lo):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state))
+            x, _, rl = layer(x, angles, segment_ids, slots, None, None, 0)
+            if deepstack is not None and lo + j < deepstack.shape[0]:
+                x = x + deepstack[lo + j].astype(x.dtype)
+            if rl is not None:
+                router.append(rl)
+    return self.norm(x), None, router
+
+
+@functools.cache
+def mesh():
+    return make_mesh(devices=jax.devices()[:1])
+
+
+def _outputs(trainer, batch):
+    """(logits, loss, {path: gradient}) in one compiled program."""
+    ids, seg, pos, vision = batch_to_model_inputs(batch)
+
+    def run(params):
+        model = nnx.merge(trainer.graphdef, params, trainer.frozen)
+        logits = model.forward(ids, seg, pos, vision)[0]
+        loss, grads = jax.value_and_grad(lambda p: trainer.loss(p, trainer.frozen, batch)[0])(
+            params
+        )
+        return logits, loss, grads
+
+    logits, loss, grads = jax.jit(run)(trainer._initial_params)
+    flat = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+    return np.asarray(logits), float(loss), flat
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_scanned_layers_equal_the_per_layer_loop(name, monkeypatch):
+    cfg = load_config(name)
+    base = build_model(cfg, mesh=mesh(), dtype="float32")
+    graphdef, weights = nnx.split(base)
+    host = jax.device_get(weights)
+    batch = next(SyntheticBatches(cfg, 2, 48, seed=3))
+    out = {}
+    for mode in ("scan", "per_layer"):
+        model = nnx.merge(graphdef, jax.device_put(host))
+        trainer = Trainer(model, from_dict({"freeze": [[".*", "train"]]}), mesh())
+        with monkeypatch.context() as m:
+            if mode == "per_layer":
+                m.setattr(TextModel, "__call__", per_layer_call)
+            out[mode] = _outputs(trainer, trainer.put_batch(batch))
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = out["scan"], out["per_layer"]
+    assert any("runs" in p for p in ref_grads)
+    assert _rel(logits, ref_logits) < 1e-5
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for p, g in grads.items():
+        assert _rel(g, ref_grads[p]) < 1e-5, p
+
+
+def test_parameters_are_stacked_per_run_with_a_layers_axis():
+    cfg = load_config("tiny_qwen3_vl_moe")  # layer 1 is dense (mlp_only_layers), 0 and 2 MoE
+    assert layer_runs(cfg.text) == [(0, 1), (1, 2), (2, 3)]
+    model = build_model(cfg, abstract=True)
+    q = model.language_model.runs[0].self_attn.q_proj.kernel
+    assert q.get_metadata()["sharding_axes"] == ("layers", "embed", "heads")
+    assert hasattr(model.language_model.runs[0].mlp, "gate_up_proj")
+    assert hasattr(model.language_model.runs[1].mlp, "gate_proj")
+    dense = load_config("tiny_qwen2_vl")
+    runs = build_model(dense, abstract=True).language_model.runs
+    assert len(runs) == 1
+    assert runs[0].mlp.up_proj.kernel.shape[0] == dense.text.num_hidden_layers
+    # checkpoints and the mapping tables see one entry per layer, Hugging Face's numbering
+    view = orbax_io.flat_params(model)
+    assert not any(".runs." in p for p in view)
+    assert (
+        view["language_model.layers.1.mlp.gate_proj.kernel"].shape
+        == (model.language_model.runs[1].mlp.gate_proj.kernel.shape[1:])
+    )
+
+
+def _with_layers(cfg, n):
+    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=n))
+
+
+def _hlo_instructions(model, T=16):
+    ids = jnp.zeros((1, T), jnp.int32)
+    seg = jnp.ones((1, T), jnp.int32)
+    pos = jnp.zeros((3, 1, T), jnp.int32)
+    fwd = jax.jit(lambda m: m.forward(ids, seg, pos, None)[0])
+    text = fwd.lower(model).as_text()
+    return len(re.findall(r"^\s*(?:%\S+ = |\S+ = )", text, flags=re.M))
+
+
+def test_compiled_program_does_not_grow_with_depth(monkeypatch):
+    cfg = load_config("tiny_qwen2_vl")
+    sizes = {n: _hlo_instructions(build_model(_with_layers(cfg, n), seed=0)) for n in (2, 8)}
+    assert sizes[8] <= sizes[2] * 1.02 + 8, sizes
+    # the per-layer loop, for contrast, grows with every layer
+    monkeypatch.setattr(TextModel, "__call__", per_layer_call)
+    loop = {n: _hlo_instructions(build_model(_with_layers(cfg, n), seed=0)) for n in (2, 8)}
+    assert loop[8] > loop[2] * 2, loop
+
+
+def test_checkpoint_folder_keeps_one_entry_per_layer(tmp_path):
+    cfg = load_config("tiny_qwen3_vl_moe")
+    model = build_model(cfg, seed=1)
+    params = params_as_numpy(model)
+    orbax_io.save_model(model, tmp_path / "a", config=cfg.to_dict(), chunk_bytes=2**16)
+    stored = orbax_io.stored_params(tmp_path / "a")
+    assert stored.keys() == params.keys()
+    assert "language_model.layers.2.mlp.gate_up_proj" in stored
+    again = params_as_numpy(from_pretrained(tmp_path / "a", dtype="float32"))
+    assert all(np.array_equal(again[k], params[k]) for k in params)
+    # a folder that lacks one layer's tensor is refused with a one-line reason naming it
+    params.pop("language_model.layers.1.self_attn.k_proj.kernel")
+    orbax_io.save_model(params, tmp_path / "b", config=cfg.to_dict(), family=cfg.family)
+    with pytest.raises(CheckpointError, match=r"lacks parameter language_model\.layers\.1\."):
+        from_pretrained(tmp_path / "b", dtype="float32")
+
+
+def test_checkpoint_view_unstacks_in_layer_order():
+    cfg = load_config("tiny_qwen2_vl")
+    n = cfg.text.num_hidden_layers
+    flat = {
+        "language_model.runs.0.a.kernel": np.arange(n)[:, None] * np.ones((1, 3)),
+        "language_model.runs.0.b.weight": np.arange(n) * 10.0,
+        "lm_head.kernel": np.zeros(2),
+    }
+    view = checkpoint_view(flat, cfg.text)
+    names = [f"language_model.layers.{i}.{p}" for i in range(n) for p in ("a.kernel", "b.weight")]
+    assert list(view) == [*names, "lm_head.kernel"]
+    assert view[f"language_model.layers.{n - 1}.b.weight"] == (n - 1) * 10.0
