@@ -22,7 +22,7 @@ from PIL import Image
 
 import qwenvl_jax as qj
 from qwenvl_jax.cli import main
-from qwenvl_jax.commands.generate import build_messages
+from qwenvl_jax.commands.generate import build_messages, draw_boxes, input_size_fn
 from tests.checkpoints import (
     load_hf,
     make_checkpoint,
@@ -227,7 +227,6 @@ def test_defaults_from_generation_config_and_greedy(media, tmp_path_factory, cap
 
 
 def test_draw_writes_the_image(media, tmp_path_factory, tmp_path, capsys):
-    pytest.importorskip("qwenvl_jax.grounding")
     folder = session_checkpoint("qwen2_vl", tmp_path_factory)
     case = cases("qwen2_vl", media)["one"]
     target = tmp_path / "boxes.png"
@@ -257,9 +256,6 @@ def test_draw_writes_the_image(media, tmp_path_factory, tmp_path, capsys):
     ],
 )
 def test_draw_boxes_in_each_convention(family, answer, box, media, tmp_path_factory, tmp_path):
-    pytest.importorskip("qwenvl_jax.grounding")
-    from qwenvl_jax.commands.generate import draw_boxes, input_size_fn
-
     folder = session_checkpoint(family, tmp_path_factory)
     processor = processor_of(folder)
     target = tmp_path / "drawn.png"

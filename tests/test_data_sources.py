@@ -163,7 +163,8 @@ def test_array_record_records_carry_their_media(tmp_path):
 def test_tfds_dataset_through_data_source(tmp_path):
     """A TFDS dataset prepared in the ArrayRecord format, read without TensorFlow: images as
     encoded bytes, the conversation as JSON text; it gives the examples the JSONL form gives."""
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     png = [Path(skimage_image(n)).read_bytes() for n in ("coffee.png", "chelsea.png")]
 
     class TinyVqa(tfds.core.GeneratorBasedBuilder):

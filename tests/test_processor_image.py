@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import transformers.models.qwen2_vl.image_processing_pil_qwen2_vl as hf_image  # noqa: E402
 from processor_fixtures import (
     REFERENCE_CONFIGS,
     hf_image_processor,
     hf_patchify_frames,
     skimage_image,
 )
+from transformers.image_utils import load_image as load_hf  # noqa: E402
 
 from qwenvl_jax.errors import InputError
 from qwenvl_jax.processing.image import (
@@ -25,9 +27,6 @@ from qwenvl_jax.processing.image import (
     preprocess_images,
     smart_resize,
 )
-
-hf_image = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
-load_hf = pytest.importorskip("transformers.image_utils").load_image
 
 CONFIG_DIRS = {
     "qwen2": REFERENCE_CONFIGS / "Qwen__Qwen2-VL-7B-Instruct",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import transformers  # noqa: E402
 from processor_fixtures import (
     CHECKPOINTS,
     REFERENCE_CONFIGS,
@@ -29,8 +30,6 @@ from qwenvl_jax.processing.chat import render_chat_template
 from qwenvl_jax.processing.image import PixelConfig
 from qwenvl_jax.processing.processor import Processor
 from qwenvl_jax.processing.tokenizer import TextTokenizer
-
-transformers = pytest.importorskip("transformers")
 
 FAMILIES = sorted(CHECKPOINTS)
 

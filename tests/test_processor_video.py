@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import transformers  # noqa: E402, F401  (the reference video processors)
 from processor_fixtures import (
     hf_patchify_frames,
     hf_resize_normalize,
@@ -37,7 +38,6 @@ from qwenvl_jax.processing.video import (
     video_resize_target,
 )
 
-pytest.importorskip("transformers")
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 CLIPS = [(120, 30000 / 1001), (4, 25.0), (5, 30.0), (31, 24.0), (300, 30.0), (1000, 60.0)]
 CLIPS += [(7201, 29.97), (3, 30.0), (96, 8.0), (2000, 1.0)]

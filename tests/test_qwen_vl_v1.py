@@ -16,11 +16,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 import qwenvl_jax as qj
+from qwenvl_jax import cli
 from qwenvl_jax.config import from_hf, load_config
 from qwenvl_jax.errors import CheckpointError, InputError
+from qwenvl_jax.inference.generate import generate
 from qwenvl_jax.loading.mapping import mapping_for
 from qwenvl_jax.loading.reader import open_checkpoint
 from qwenvl_jax.loading.writer import write_safetensors
@@ -205,7 +208,6 @@ def test_padding_columns_do_not_move_positions(model):
 
 
 def test_generate_reproduces_greedy_continuation(model, processor, in_fixture):
-    generate = pytest.importorskip("qwenvl_jax.inference.generate").generate
     s, d = scenario("astronaut_what")
     with jax.default_matmul_precision("highest"):
         out = generate(model, processor, s["messages"], max_new_tokens=GREEDY, temperature=0.0)
@@ -268,7 +270,6 @@ def test_long_prompt_dynamic_ntk_and_logn(model, checkpoint):
     )
     with jax.default_matmul_precision("highest"):
         ours = np.asarray(fn(nnx.split(model), x.input_ids, x.segment_ids, x.position_ids))[0]
-    torch = pytest.importorskip("torch")
     with open_checkpoint(checkpoint) as reader:
         w = {
             k: torch.from_numpy(reader.get(k).astype(np.float32))
@@ -324,7 +325,6 @@ def test_splice_writes_each_image_after_its_tag(model):
 
 
 def _torch_resize(table: np.ndarray, size: int) -> np.ndarray:
-    torch = pytest.importorskip("torch")
     src = int(np.sqrt(table.shape[0]))
     t = torch.from_numpy(np.asarray(table, np.float32)).reshape(1, src, src, -1).permute(0, 3, 1, 2)
     out = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic", align_corners=False)
@@ -468,8 +468,6 @@ def test_mapping_rejects_unknown_and_misshapen_tensors(model):
 
 
 def test_orbax_round_trip_is_bit_identical(checkpoint, tmp_path):
-    cli = pytest.importorskip("qwenvl_jax.cli")
-    pytest.importorskip("qwenvl_jax.commands.convert")
     orbax, hf = tmp_path / "orbax", tmp_path / "hf"
     assert cli.main(["convert", str(checkpoint), str(orbax)]) == 0
     assert cli.main(["convert", str(orbax), str(hf), "--to", "hf"]) == 0

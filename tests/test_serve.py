@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import httpx
+import openai  # noqa: E402
 import pytest
+import uvicorn  # noqa: E402
 
 import qwenvl_jax as qj
 from qwenvl_jax.cli import main as cli_main
@@ -23,9 +25,6 @@ from qwenvl_jax.serving.api import Limits, create_app
 from qwenvl_jax.serving.engine import Engine
 from tests.checkpoints import session_checkpoint
 from tests.test_generate import write_picture
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
 NAME = "tiny"
 
