@@ -37,7 +37,9 @@ sharded = qj.from_pretrained(folder, dtype="float32", mesh=mesh)
 devices = {len(x.sharding.device_set) for x in jax.tree.leaves(nnx.state(sharded))}
 result = {"devices": sorted(devices)}
 for name, model in (("plain", plain), ("sharded", sharded)):
-    result[name] = [o.token_ids for o in qj.generate(model, processor, convs, max_new_tokens=24)]
+    out = qj.generate(model, processor, convs, max_new_tokens=24, do_sample=False,
+                      repetition_penalty=1.0)  # plain greedy: the released config samples
+    result[name] = [o.token_ids for o in out]
 print(json.dumps(result))
 """
 
