@@ -73,12 +73,10 @@ class Prepared(NamedTuple):
     max_new_tokens: int
 
 
-def length_bucket(n: int, minimum: int = 64, step: int = 1024) -> int:
-    """Powers of two from `minimum` up to `step`, then multiples of `step`."""
-    b = minimum
-    while b < n and b < step:
-        b *= 2
-    return b if b >= n else -(-n // step) * step
+def length_bucket(n: int, minimum: int = 64) -> int:
+    """`minimum`, then 8 sizes per power of two (less than 12.5% padding): the patch buckets'
+    rule, `vision_inputs.bucket`."""
+    return patch_count_bucket(n, minimum)
 
 
 def left_pad(inputs: Mapping[str, Any], length: int, pad_id: int) -> dict[str, Any]:

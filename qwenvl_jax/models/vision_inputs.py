@@ -14,14 +14,16 @@ import numpy as np
 
 from qwenvl_jax.config import VisionConfig
 
-PATCH_BUCKETS = tuple(2**k for k in range(6, 20))
 
-
-def bucket(n: int, buckets: tuple[int, ...] = PATCH_BUCKETS) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    return -(-n // buckets[-1]) * buckets[-1]
+def bucket(n: int, minimum: int = 64, steps: int = 8) -> int:
+    """The padded size for n: `minimum`, or above it the next of `steps` evenly spaced sizes
+    between two powers of two (64, 72, 80, ..., 128, 144, ...), so padding adds less than
+    1 / steps (12.5%) and every size in a bucket shares one compiled program. With a power-of-two
+    minimum of at least 4 * steps, each bucket is a multiple of 4 (whole 2 x 2 merge blocks)."""
+    if n <= minimum:
+        return minimum
+    step = max((1 << (n - 1).bit_length()) // (2 * steps), 1)  # (next power of two) / 16
+    return -(-n // step) * step
 
 
 class VisionBatch(NamedTuple):
