@@ -13,7 +13,12 @@ each) at batch 1 and batch 8:
 Both sides generate exactly --new-tokens tokens (end-of-sequence ids are ignored) and each number is
 the best of --repeats runs.
 
+--config FILE times a model of your own shape instead (random weights, the real tokenizer): any
+transformers config.json of a supported family, e.g. bench/configs/generate_qwen2_5_vl.json (the
+README's table: real layer widths and vocabulary, fewer layers).
+
     python bench/generate.py [--family qwen2_vl] [--new-tokens 32] [--repeats 3] [--threads N]
+    python bench/generate.py --config bench/configs/generate_qwen2_5_vl.json --batches 1 4
 """
 
 from __future__ import annotations
@@ -44,6 +49,13 @@ TEMPLATES = {
     "qwen2_vl": "Qwen__Qwen2-VL-7B-Instruct",
     "qwen2_5_vl": "Qwen__Qwen2.5-VL-7B-Instruct",
     "qwen3_vl": "Qwen__Qwen3-VL-4B-Instruct",
+    "qwen3_vl_moe": "Qwen__Qwen3-VL-4B-Instruct",  # the same chat template as Qwen3-VL-30B-A3B
+}
+CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 IDS = dict(
     image_token_id=151655,
@@ -118,10 +130,12 @@ def hf_config(family: str):
             deepstack_visual_indexes=[1, 2],
         )
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **IDS)
-    raise SystemExit(f"unsupported family {family!r} (one of {sorted(TEMPLATES)})")
+    raise SystemExit(f"no built-in model for {family!r} (use --config)")
 
 
-def write_checkpoint(family: str, folder: Path):
+def write_checkpoint(family: str, folder: Path, config=None):
+    """A random model of `config` (default: the built-in one of `family`), saved with the real
+    tokenizer and the family's chat template and preprocessor files."""
     import torch
     import transformers
 
@@ -133,12 +147,8 @@ def write_checkpoint(family: str, folder: Path):
             f"{reference} (the chat template)"
         )
     torch.manual_seed(0)
-    cls = {
-        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
-    }[family]
-    model = cls(hf_config(family)).eval().float()
+    cls = getattr(transformers, CLASSES[family])
+    model = cls(config or hf_config(family)).eval().float()
     model.save_pretrained(folder)
     for f in (Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files").iterdir():
         shutil.copy(f, folder / f.name)
@@ -246,7 +256,10 @@ def table(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", default="qwen2_vl", choices=sorted(TEMPLATES))
+    p.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
+    p.add_argument(
+        "--config", metavar="FILE", help="a transformers config.json to time instead of --family"
+    )
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -260,9 +273,14 @@ def main() -> None:
     import qwenvl_jax as qj
 
     torch.set_num_threads(args.threads)
+    family, config = args.family, None
+    if args.config:
+        from bench.train import load_hf_config
+
+        family, config = load_hf_config(args.config, tuple(CLASSES))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        hf = write_checkpoint(args.family, folder)
+        hf = write_checkpoint(family, folder, config)
         processor = qj.Processor.from_pretrained(folder)
         processor.eos_token_ids = []  # generate exactly --new-tokens on both sides
         model = qj.from_pretrained(folder, dtype="float32")
@@ -275,7 +293,7 @@ def main() -> None:
             }
     params = qj.param_count(model)
     print(
-        f"{args.family}: {params / 1e6:.1f}M parameters, float32, {args.new_tokens} new tokens, "
+        f"{family}: {params / 1e6:.1f}M parameters, float32, {args.new_tokens} new tokens, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads"
     )

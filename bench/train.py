@@ -17,7 +17,12 @@ measured as the best float32 1024^3 matmul rate (a CPU has no published figure),
 in qwenvl_jax/train/metrics.py on accelerators. Each time is the median of --steps steps after
 --warmup steps.
 
+--config FILE times a model of your own shape instead: any transformers config.json of a supported
+family (random weights of that shape; the picture and token ids are read from it), e.g. the wider
+models of bench/configs that the README's table uses.
+
     python bench/train.py [--family qwen2_vl ...] [--batch 4] [--seq 256] [--steps 5]
+    python bench/train.py --config bench/configs/train_qwen3_vl_moe.json --seq 512
 """
 
 from __future__ import annotations
@@ -117,21 +122,46 @@ def hf_config(family: str):
     return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **IDS)
 
 
+def load_hf_config(path: str, families: tuple[str, ...] = FAMILIES):
+    """(family, transformers config) of a config.json file; a one-line exit when it is not one
+    of `families`."""
+    import transformers
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--config {path}: {e}") from None
+    family = d.get("model_type") if isinstance(d, dict) else None
+    if family not in families:
+        raise SystemExit(f"--config {path}: model_type {family!r} is not one of {families}")
+    return family, transformers.AutoConfig.for_model(**d)
+
+
 def make_rows(family: str, cfg, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """HF-style inputs: each row a picture (GRID) then text, exactly `seq` tokens."""
+    """HF-style inputs: each row a picture (GRID) then text, exactly `seq` tokens; the token ids
+    are those of `cfg` (ours), the text drawn below every special id."""
     rng = np.random.default_rng(seed)
     t, h, w = GRID
-    n = t * h * w // 4
-    patch_dim = 3 * 2 * cfg.vision.patch_size**2
+    n = t * h * w // cfg.vision.spatial_merge_size**2
+    patch_dim = 3 * cfg.vision.temporal_patch_size * cfg.vision.patch_size**2
+    specials = (
+        cfg.image_token_id,
+        cfg.video_token_id,
+        cfg.vision_start_token_id,
+        cfg.vision_end_token_id,
+    )
+    top = min(min(specials), cfg.text.vocab_size) - 96
+    if seq < n + 4:
+        raise SystemExit(f"--seq {seq} is shorter than the picture ({n} tokens) plus 4")
     ids = np.zeros((batch, seq), np.int64)
     types = np.zeros((batch, seq), np.int64)
     for b in range(batch):
         ids[b, 0] = 1
-        ids[b, 1] = IDS["vision_start_token_id"]
-        ids[b, 2 : 2 + n] = IDS["image_token_id"]
+        ids[b, 1] = cfg.vision_start_token_id
+        ids[b, 2 : 2 + n] = cfg.image_token_id
         types[b, 2 : 2 + n] = 1
-        ids[b, 2 + n] = IDS["vision_end_token_id"]
-        ids[b, 3 + n :] = rng.integers(10, 3900, seq - 3 - n)
+        ids[b, 2 + n] = cfg.vision_end_token_id
+        ids[b, 3 + n :] = rng.integers(10, top, seq - 3 - n)
     return {
         "input_ids": ids,
         "attention_mask": np.ones_like(ids),
@@ -236,6 +266,12 @@ def time_torch(folder: Path, family: str, rows, steps: int, warmup: int) -> floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", nargs="+", default=["qwen2_vl", "qwen3_vl_moe"], choices=FAMILIES)
+    ap.add_argument(
+        "--config",
+        nargs="+",
+        metavar="FILE",
+        help="transformers config.json file(s) to time instead of the built-in --family models",
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
@@ -264,8 +300,12 @@ def main() -> None:
             f"{'ours tok/s':>12}{'ours MFU':>10}{'torch tok/s':>13}{'torch MFU':>11}"
             f"{'speed-up':>10}"
         )
-    for family in args.family:
-        hf_cfg = hf_config(family)
+    models = (
+        [load_hf_config(f) for f in args.config]
+        if args.config
+        else [(f, hf_config(f)) for f in args.family]
+    )
+    for family, hf_cfg in models:
         cfg = from_hf(hf_cfg.to_dict())
         rows = make_rows(family, cfg, args.batch, args.seq)
         with tempfile.TemporaryDirectory() as tmp:
