@@ -455,8 +455,7 @@ def format_plan(r: Mapping[str, Any]) -> str:
     c = r["per_chip_bytes"]
     lines = [
         f"{r['family']} ({r['model']}) stage {r['stage']}: {r['batch_size']} x {r['seq_len']} "
-        f"tokens, {r['vision_patches']} vision patches, remat {r['remat']}, "
-        f"scan_layers {r['scan_layers']}",
+        f"tokens, {r['vision_patches']} vision patches, remat {r['remat']}",
         f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}"
         + (" (chosen: mesh auto)" if r.get("mesh_auto") else ""),
         "per chip:",
