@@ -36,4 +36,11 @@ def call_block(block: nnx.Module, policy: str, *args: jax.Array) -> jax.Array:
     """`block(*args)` (array arguments only) under the remat `policy`."""
     if check_policy(policy) == "none":
         return block(*args)
-    return nnx.remat(lambda b, *a: b(*a), policy=POLICIES[policy])(block, *args)
+    # split/merge around a pure function: the block's parameters may be tracers of an enclosing
+    # jax transform (the train step's grad), which nnx.remat would refuse to carry across
+    graphdef, state = nnx.split(block)
+
+    def run(state, *a):
+        return nnx.merge(graphdef, state)(*a)
+
+    return checkpointed(run, policy)(state, *args)
