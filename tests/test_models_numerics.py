@@ -104,5 +104,8 @@ def test_moe_layer_selection():
     hf = hf_config("qwen3_vl_moe").to_dict()
     hf["text_config"].update(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3])
     model = qj.build_model(from_hf(hf), abstract=True)
-    kinds = [type(layer.mlp) for layer in model.language_model.layers]
+    from qwenvl_jax.models.text import layer_runs
+
+    runs = zip(layer_runs(model.config.text), model.language_model.runs)
+    kinds = [type(run.mlp) for (lo, hi), run in runs for _ in range(lo, hi)]  # stacked runs
     assert kinds == [GatedMLP, SparseMoE, GatedMLP, GatedMLP, GatedMLP, SparseMoE]

@@ -19,10 +19,17 @@ from qwenvl_jax.train.flops import (
     v1_vision_forward_flops,
     vision_forward_flops,
 )
+from qwenvl_jax.train.plan import hlo_matmul_flops
 
 
 def xla_flops(fn, *args) -> float:
-    return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
+    """XLA's FLOP count of `fn`, with the bodies of its loops (the scanned decoder layers) counted
+    by their trip counts: cost analysis counts a loop body once, so its count is scaled by the
+    HLO's matmul FLOPs with trip counts over those without (train/plan.py)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    matmuls = hlo_matmul_flops(compiled.as_text())
+    assert matmuls["unknown_loops"] == 0
+    return float(compiled.cost_analysis()["flops"]) * matmuls["with_trips"] / matmuls["once"]
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen_vl"])
