@@ -75,7 +75,7 @@ import jax
 from qwenvl_jax.config import load_config
 from qwenvl_jax.modeling import build_model
 from qwenvl_jax.train import blocks
-from qwenvl_jax.train.config import load_train_config, resolve_mesh
+from qwenvl_jax.train.config import load_train_config
 from qwenvl_jax.train.loop import make_data, run_mesh
 from qwenvl_jax.train.plan import plan
 from qwenvl_jax.train.step import Trainer
@@ -86,7 +86,7 @@ report = plan(cfg, "cpu:8")
 
 # the step exactly as `train` builds and compiles it, with real weights and a real batch
 config = load_config(cfg.model)
-mesh = run_mesh(resolve_mesh(cfg.mesh, 8, cfg.batch_size, config.text.num_experts))
+mesh = run_mesh(cfg.mesh, batch_size=cfg.batch_size, num_experts=config.text.num_experts)
 model = build_model(config, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
 blocks.configure(model, cfg.remat, cfg.scan_layers)
 trainer = Trainer(model, cfg, mesh)

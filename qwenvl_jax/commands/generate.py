@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qwenvl_jax.commands import add_model_argument
+
 log = logging.getLogger(__name__)
 
 CACHE_DIR = Path("~/.cache/qwenvl_jax/jax_cache")
@@ -30,12 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="answer a prompt about images and videos",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="PATH",
-        help="a Hugging Face checkpoint folder or a `qwenvl-jax convert` folder",
-    )
+    add_model_argument(p)
     p.add_argument(
         "--image",
         action="append",

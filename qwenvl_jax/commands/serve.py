@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qwenvl_jax.commands import add_model_argument
+
 log = logging.getLogger(__name__)
 
 
@@ -19,12 +21,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="serve a checkpoint over an OpenAI-compatible HTTP API",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="PATH",
-        help="a Hugging Face checkpoint folder or a `qwenvl-jax convert` folder",
-    )
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(

@@ -41,9 +41,16 @@ log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped early, checkpoint saved; start again to resume
 
 
-def run_mesh(mc: MeshConfig, devices: list | None = None) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor, expert) mesh of a run; a -1 axis takes the remaining devices."""
+def run_mesh(
+    mc: MeshConfig, devices: list | None = None, *, batch_size: int = 0, num_experts: int = 0
+) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor, expert) mesh of a run; a -1 axis takes the remaining devices;
+    `mesh: auto` is resolved here (`resolve_mesh`) for the run's batch size and experts."""
     devices = jax.devices() if devices is None else devices
+    if mc.auto:
+        if batch_size < 1:
+            raise ValueError("an auto mesh needs the run's batch_size")
+        mc = resolve_mesh(mc, len(devices), batch_size, num_experts)
     sizes = [mc.data, mc.fsdp, mc.tensor, mc.expert]
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
@@ -179,8 +186,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
         )
     model_path = resolve_model_path(cfg.model)
     config = load_config(model_path)
-    mc = resolve_mesh(cfg.mesh, jax.device_count(), cfg.batch_size, config.text.num_experts)
-    mesh = run_mesh(mc)
+    mesh = run_mesh(cfg.mesh, batch_size=cfg.batch_size, num_experts=config.text.num_experts)
     if cfg.mesh.auto and jax.process_index() == 0:
         print(f"mesh (auto): {dict(mesh.shape)}", flush=True)
     rows = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]

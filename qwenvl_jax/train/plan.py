@@ -34,7 +34,7 @@ import numpy as np
 from qwenvl_jax.config import ModelConfig, V1VisionConfig, load_config
 from qwenvl_jax.data.batch import V1_PIXELS, empty_vision_batch, vision_fields
 from qwenvl_jax.errors import ConfigError
-from qwenvl_jax.train.config import TrainConfig, resolve_mesh, resolve_model_path
+from qwenvl_jax.train.config import TrainConfig, resolve_model_path
 
 GIB = 2**30
 
@@ -156,7 +156,7 @@ def build_trainer(cfg: TrainConfig, devices: list):
         raise ConfigError("model= is not set (a checkpoint folder or a preset name)")
     config = load_config(resolve_model_path(cfg.model))
     mesh = run_mesh(
-        resolve_mesh(cfg.mesh, len(devices), cfg.batch_size, config.text.num_experts), devices
+        cfg.mesh, devices, batch_size=cfg.batch_size, num_experts=config.text.num_experts
     )
     rows = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if cfg.batch_size % rows:
