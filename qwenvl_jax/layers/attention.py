@@ -8,11 +8,16 @@ Short sequences take one dense pass. Long ones are cut into query and key blocks
 with an online softmax (flash-attention style), visiting only the key blocks whose segment-id range
 meets the query block's (and, when causal, that are not wholly in its future): the cost of a ViT
 over many images, or of packed training rows, grows with the images' or samples' own lengths, not
-with the square of the whole sequence. Segment ids must be non-decreasing along the sequence apart
-from zeros (padding), which holds for every layout the project builds.
+with the square of the whole sequence. The backward pass recomputes the visited score blocks from
+the saved log-sum-exp, so training keeps no score block at all. Segment ids must be
+non-decreasing along the sequence apart from zeros (padding), which holds for every layout the
+project builds.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,12 +108,24 @@ def _ranges(seg: jax.Array, pos: jax.Array):
     return lo, hi, plo, phi
 
 
-def _blocked(qg, k, v, qseg, kseg, qpos, kpos, causal, scale, block):
-    B, T, K, G, D = qg.shape
-    S = k.shape[1]
+class _Tiles(NamedTuple):
+    """The blocked view of one attention call: q/k/v, segment ids and positions cut into blocks
+    ([n, B, size, ...]), and which (query block, key block) pairs may attend at all."""
+
+    qb: jax.Array
+    kb: jax.Array
+    vb: jax.Array
+    qsb: jax.Array
+    ksb: jax.Array
+    qpb: jax.Array
+    kpb: jax.Array
+    meets: jax.Array  # bool[nq, nk]
+
+
+def _tiles(qg, k, v, qseg, kseg, qpos, kpos, causal, block) -> _Tiles:
+    T, S = qg.shape[1], k.shape[1]
     bq, bk = min(block, T), min(block, S)
     nq, nk = -(-T // bq), -(-S // bk)
-    qb, kb, vb = _blocks(qg, nq, bq), _blocks(k, nk, bk), _blocks(v, nk, bk)
     qsb, ksb = _blocks(qseg.astype(jnp.int32), nq, bq), _blocks(kseg.astype(jnp.int32), nk, bk)
     qpb, kpb = _blocks(qpos.astype(jnp.int32), nq, bq), _blocks(kpos.astype(jnp.int32), nk, bk)
     q_lo, q_hi, qp_lo, qp_hi = _ranges(qsb, qpb)
@@ -118,35 +135,114 @@ def _blocked(qg, k, v, qseg, kseg, qpos, kpos, causal, scale, block):
     if causal:
         meets &= kp_lo[None] <= qp_hi[:, None]
     meets = jnp.any(meets, axis=-1)  # [nq, nk]
+    return _Tiles(
+        _blocks(qg, nq, bq), _blocks(k, nk, bk), _blocks(v, nk, bk), qsb, ksb, qpb, kpb, meets
+    )
+
+
+def _unblock(x: jax.Array, length: int) -> jax.Array:
+    """[n, B, size, ...] -> [B, length, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+def _blocked_forward(qg, k, v, qseg, kseg, qpos, kpos, causal, scale, block):
+    """(out float[B, T, K, G, D], log-sum-exp float32[B, T, K, G]; +inf where a query attends
+    nothing) by an online softmax over the key blocks that meet each query block."""
+    B, T, K, G, D = qg.shape
+    t = _tiles(qg, k, v, qseg, kseg, qpos, kpos, causal, block)
+    bq = t.qb.shape[2]
     scale = jnp.asarray(scale, jnp.float32)
 
     def q_block(i):
-        q_i, qs_i, qp_i = qb[i], qsb[i], qpb[i]
+        q_i, qs_i, qp_i = t.qb[i], t.qsb[i], t.qpb[i]
 
         def visit(j, carry):
             m, l, acc = carry
-            s = jnp.einsum("btkgd,bskd->bkgts", q_i, kb[j]).astype(jnp.float32) * scale
-            mask = _mask(qs_i, ksb[j], qp_i, kpb[j], causal)[:, None, None]
+            s = jnp.einsum("btkgd,bskd->bkgts", q_i, t.kb[j]).astype(jnp.float32) * scale
+            mask = _mask(qs_i, t.ksb[j], qp_i, t.kpb[j], causal)[:, None, None]
             s = jnp.where(mask, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
             l = l * alpha + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(vb.dtype), vb[j]).astype(jnp.float32)
-            return m_new, l, acc * alpha[..., None] + pv
+            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(t.vb.dtype), t.vb[j])
+            return m_new, l, acc * alpha[..., None] + pv.astype(jnp.float32)
 
         def step(j, carry):
-            return jax.lax.cond(meets[i, j], visit, lambda _, c: c, j, carry)
+            return jax.lax.cond(t.meets[i, j], visit, lambda _, c: c, j, carry)
 
         init = (
             jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
             jnp.zeros((B, K, G, bq), jnp.float32),
             jnp.zeros((B, K, G, bq, D), jnp.float32),
         )
-        _, l, acc = jax.lax.fori_loop(0, nk, step, init)
-        out = jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
-        return jnp.moveaxis(out, 3, 1).astype(qg.dtype)  # [B, bq, K, G, D]
+        m, l, acc = jax.lax.fori_loop(0, t.kb.shape[0], step, init)
+        live = l > 0
+        out = jnp.where(live[..., None], acc / jnp.where(live, l, 1.0)[..., None], 0.0)
+        lse = jnp.where(live, m + jnp.log(jnp.where(live, l, 1.0)), jnp.inf)
+        return jnp.moveaxis(out, 3, 1).astype(qg.dtype), jnp.moveaxis(lse, 3, 1)
 
-    out = jax.lax.map(q_block, jnp.arange(nq))  # [nq, B, bq, K, G, D]
-    return jnp.moveaxis(out, 0, 1).reshape(B, nq * bq, K, G, D)[:, :T]
+    out, lse = jax.lax.map(q_block, jnp.arange(t.qb.shape[0]))
+    return _unblock(out, T), _unblock(lse, T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _blocked(qg, k, v, qseg, kseg, qpos, kpos, causal, scale, block):
+    """Blocked attention whose backward recomputes each visited score block from the saved
+    log-sum-exp (flash-attention style): its memory is that of q, k and v, not of the scores."""
+    return _blocked_forward(qg, k, v, qseg, kseg, qpos, kpos, causal, scale, block)[0]
+
+
+def _blocked_fwd(qg, k, v, qseg, kseg, qpos, kpos, causal, scale, block):
+    out, lse = _blocked_forward(qg, k, v, qseg, kseg, qpos, kpos, causal, scale, block)
+    return out, (qg, k, v, qseg, kseg, qpos, kpos, out, lse)
+
+
+def _blocked_bwd(causal, scale, block, res, dout):
+    qg, k, v, qseg, kseg, qpos, kpos, out, lse = res
+    B, T, K, G, D = qg.shape
+    S = k.shape[1]
+    t = _tiles(qg, k, v, qseg, kseg, qpos, kpos, causal, block)
+    nq, bq = t.qb.shape[:3:2]
+    f32 = jnp.float32
+    dob = _blocks(dout, nq, bq)
+    delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)  # [B, T, K, G]
+    deltab = jnp.moveaxis(_blocks(delta, nq, bq), 2, -1)  # [nq, B, K, G, bq]
+    lseb = jnp.moveaxis(_blocks(lse, nq, bq, fill=jnp.inf), 2, -1)
+    scale = jnp.asarray(scale, f32)
+
+    def k_block(dq, j):
+        k_j, v_j = t.kb[j], t.vb[j]
+
+        def visit(i, carry):
+            dq, dk, dv = carry
+            q_i, do_i = t.qb[i], dob[i]
+            s = jnp.einsum("btkgd,bskd->bkgts", q_i, k_j, preferred_element_type=f32) * scale
+            mask = _mask(t.qsb[i], t.ksb[j], t.qpb[i], t.kpb[j], causal)[:, None, None]
+            p = jnp.where(mask, jnp.exp(s - lseb[i][..., None]), 0.0)
+            dv = dv + jnp.einsum(
+                "bkgts,btkgd->bskd", p.astype(v.dtype), do_i, preferred_element_type=f32
+            )
+            dp = jnp.einsum("btkgd,bskd->bkgts", do_i, v_j, preferred_element_type=f32)
+            ds = (p * (dp - deltab[i][..., None]) * scale).astype(qg.dtype)
+            dq_i = jnp.einsum("bkgts,bskd->btkgd", ds, k_j, preferred_element_type=f32)
+            dq = dq.at[i].add(dq_i)
+            dk = dk + jnp.einsum("bkgts,btkgd->bskd", ds, q_i, preferred_element_type=f32)
+            return dq, dk, dv
+
+        def step(i, carry):
+            return jax.lax.cond(t.meets[i, j], visit, lambda _, c: c, i, carry)
+
+        zeros = jnp.zeros(k_j.shape, f32)
+        dq, dk, dv = jax.lax.fori_loop(0, nq, step, (dq, zeros, zeros))
+        return dq, (dk, dv)
+
+    dq0 = jnp.zeros(t.qb.shape, f32)
+    dq, (dk, dv) = jax.lax.scan(k_block, dq0, jnp.arange(t.kb.shape[0]))
+    dq = _unblock(dq, T).astype(qg.dtype)
+    return dq, _unblock(dk, S).astype(k.dtype), _unblock(dv, S).astype(v.dtype), *(None,) * 4
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
