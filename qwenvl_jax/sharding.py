@@ -3,7 +3,8 @@
 Every parameter is created with logical axis names (`param(...)` below); `RULES` maps each logical
 name to mesh axes of a `Mesh(data, fsdp, tensor, expert)`. Vision axes are named apart from text
 axes so that the ViT can shard differently from the LLM. A rule that would put one mesh axis on two
-dimensions of one array raises; a dimension that does not divide by its mesh axes is replicated.
+dimensions of one array raises; a parameter dimension that does not divide by its mesh axes is an
+error naming the parameter (an activation's is replicated).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwenvl_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -35,6 +38,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("vit_tokens", ("data", "fsdp")),
+    ("vit_groups", ("data", "fsdp", "expert")),  # a training batch's patch groups, as "batch"
     # text parameters
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -123,9 +127,12 @@ def logical_to_spec(
     shape: Sequence[int] | None = None,
     mesh: Mesh | None = None,
     rules: Sequence | None = None,
+    param_name: str | None = None,
 ) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec, dropping mesh axes absent from or of size 1 in
-    `mesh`, and replicating a dimension its mesh axes do not divide."""
+    `mesh`. A dimension its mesh axes do not divide is an error naming the parameter when
+    `param_name` is given (a parameter must not silently end up whole on every device), and is
+    replicated for an activation."""
     table = dict(rules or current_rules())
     used: dict[str, int] = {}
     out = []
@@ -141,6 +148,12 @@ def logical_to_spec(
             targets = tuple(t for t in targets if t in mesh.shape and mesh.shape[t] > 1)
             if shape is not None and targets:
                 size = int(np.prod([mesh.shape[t] for t in targets]))
+                if shape[i] % size and param_name is not None:
+                    raise ConfigError(
+                        f"parameter {param_name}: dimension {i} ({name}, size {shape[i]}) does "
+                        f"not divide over mesh axes {targets} ({size} devices); pick a mesh "
+                        "whose axes divide it"
+                    )
                 if shape[i] % size:
                     log.debug(
                         "axis %s (%d) not divisible by %s: replicated", name, shape[i], targets
@@ -218,9 +231,16 @@ def axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """A NamedSharding for every Variable of an (abstract or concrete) state."""
+    """A NamedSharding for every Variable of an (abstract or concrete) state; a dimension that
+    does not divide over its mesh axes is a ConfigError naming the parameter."""
 
-    def one(v):
-        return v.replace(named_sharding(axes_of(v), v.shape, mesh))
+    def one(path, v):
+        name = ".".join(
+            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+        )
+        spec = logical_to_spec(axes_of(v), v.shape, mesh, param_name=name)
+        return v.replace(NamedSharding(mesh, spec))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(
+        one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )

@@ -86,3 +86,21 @@ def test_rules_replicate_indivisible_dims():
     mesh = jax.sharding.AbstractMesh((1, 2, 2, 1), MESH_AXES)
     assert logical_to_spec(("vocab", "embed"), (8, 8), mesh) == P("tensor", "fsdp")
     assert logical_to_spec(("vocab", "embed"), (7, 8), mesh) == P(None, "fsdp")
+
+
+def test_an_indivisible_parameter_is_an_error_naming_it():
+    """A parameter must not end up whole on every device unnoticed: building a model on a mesh
+    whose tensor axis does not divide one of its dimensions names that parameter."""
+    import jax
+
+    from qwenvl_jax.config import load_config
+    from qwenvl_jax.errors import ConfigError
+    from qwenvl_jax.modeling import build_model
+
+    mesh = jax.sharding.AbstractMesh((1, 1, 3, 1), MESH_AXES)
+    with pytest.raises(
+        ConfigError,
+        match=r"parameter language_model\.embed_tokens\.embedding: dimension \d+ \(\w+, size \d+\)",
+    ):
+        build_model(load_config("tiny_qwen2_vl"), abstract=True, mesh=mesh)
+    assert logical_to_spec(("vocab",), (7,), mesh) == jax.sharding.PartitionSpec(None)
