@@ -76,7 +76,7 @@ from qwenvl_jax.config import load_config
 from qwenvl_jax.modeling import build_model
 from qwenvl_jax.train import blocks
 from qwenvl_jax.train.config import load_train_config
-from qwenvl_jax.train.loop import make_data, run_mesh
+from qwenvl_jax.train.loop import batch_shards, make_data, run_mesh
 from qwenvl_jax.train.plan import plan
 from qwenvl_jax.train.step import Trainer
 
@@ -90,7 +90,8 @@ mesh = run_mesh(cfg.mesh, batch_size=cfg.batch_size, num_experts=config.text.num
 model = build_model(config, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
 blocks.configure(model, cfg.remat, cfg.scan_layers)
 trainer = Trainer(model, cfg, mesh)
-batch = trainer.put_batch(next(make_data(cfg, config, cfg.model)))
+groups = batch_shards(mesh, cfg.batch_size)
+batch = trainer.put_batch(next(make_data(cfg, config, cfg.model, vision_groups=groups)))
 state = trainer.init_state()
 mem = trainer.compile(state, batch).memory_analysis()
 print(json.dumps({"plan": report, "trainer": {

@@ -14,6 +14,7 @@ from hf_models import build_inputs, hf_model
 import qwenvl_jax as qj
 from qwenvl_jax.data.batch import vision_fields
 from qwenvl_jax.loading.stacking import checkpoint_view
+from qwenvl_jax.models.vision_inputs import stack_groups
 from qwenvl_jax.sharding import make_mesh
 from qwenvl_jax.train.config import from_dict
 from qwenvl_jax.train.freeze import path_str
@@ -93,7 +94,7 @@ def _hf_batch(ours, inputs, labels):
         "position_ids": np.asarray(x.position_ids),
         "targets": targets,
         "loss_mask": mask,
-        **vision_fields(x.vision),
+        **vision_fields(stack_groups([x.vision])),  # one group: the batch contract
     }
 
 

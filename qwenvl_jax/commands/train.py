@@ -25,15 +25,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--config", default=None, help="a training config (YAML or JSON)")
     p.add_argument("--workdir", default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist = p.add_argument_group(
+        "multi-process runs",
+        "one process per host, all with the same config and --workdir (on TPU VMs and SLURM "
+        "the cluster is found without these)",
+    )
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from qwenvl_jax import multihost
     from qwenvl_jax.train.config import load_train_config
     from qwenvl_jax.train.loop import train
 
     cfg = load_train_config(args.config, list(args.overrides))
-    if args.no_progress:
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.no_progress or not multihost.is_lead():
         cfg = cfg.replace(progress=False)
     return train(cfg, args.workdir)

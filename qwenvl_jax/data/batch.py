@@ -9,10 +9,12 @@ sequence length L, vision budget), so the jitted train step never recompiles:
   alone); for Qwen-VL v1 the slot positions 0..len-1, restarting per sample, on all 3 rows;
 - `targets` int32[B, L]: the next token of the same sample (0 at a sample's last token and in
   padding); `loss_mask` float32[B, L]: 1 where `targets` is a token that counts for the loss;
-- vision, Qwen2/2.5/3-VL: the fields of `VisionBatch` under `vision.` (`vision.pixels`
-  float32[N, patch_dim], `vision.segment_ids` int32[N], ...), N = the run's `max_patches`, all
-  images then all videos of the batch in row-major token order; Qwen-VL v1: `vision.pixel_values`
-  float32[n_images, 3, 448, 448], the images in row-major `<img>` order, padded with zeros.
+- vision, Qwen2/2.5/3-VL: the fields of `VisionBatch` under `vision.`, in G groups
+  (`vision.pixels` float32[G, N, patch_dim], `vision.segment_ids` int32[G, N], ...; G x N = the
+  run's `max_patches`): group g holds the images then the videos of rows [g B/G, (g+1) B/G) in
+  row-major token order, G being the data-parallel shards the tower splits the groups over;
+  Qwen-VL v1: `vision.pixel_values` float32[n_images, 3, 448, 448], the images in row-major
+  `<img>` order, padded with zeros.
   A text-only run (no vision budget) has no `vision.` keys.
 
 `batch_to_model_inputs` turns a batch into the arguments of `model.forward`.
@@ -84,10 +86,11 @@ def batch_spec(
     seq_len: int,
     max_patches: int = 0,
     max_images: int = 0,
+    vision_groups: int = 1,
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """The (shape, dtype) of every batch entry for a run config: what the trainer can compile for
     before the first batch arrives. `max_patches` (Qwen2/2.5/3-VL) or `max_images` (Qwen-VL v1)
-    of 0 means a text-only run."""
+    of 0 means a text-only run; the patches come in `vision_groups` groups."""
     B, L = batch_size, seq_len
     spec = {
         "input_ids": ((B, L), np.dtype(np.int32)),
@@ -102,6 +105,7 @@ def batch_spec(
             size = vision.image_size
             spec[V1_PIXELS] = ((max_images, 3, size, size), np.dtype(np.float32))
     elif max_patches:
-        for name, value in vision_fields(empty_vision_batch(vision, max_patches)).items():
-            spec[name] = (value.shape, value.dtype)
+        group = empty_vision_batch(vision, max_patches // vision_groups)
+        for name, value in vision_fields(group).items():
+            spec[name] = ((vision_groups, *value.shape), value.dtype)
     return spec

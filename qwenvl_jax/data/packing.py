@@ -1,8 +1,10 @@
 """Packing examples into fixed-shape batches (the contract of batch.py).
 
 `Packer` fills one batch first-fit: each example goes into the first of the B rows with room for
-its tokens, as long as the batch's vision budget (`max_patches` ViT patches, or `max_images` for
-Qwen-VL v1) has room for its media. Each sample keeps its own positions and gets the next segment
+its tokens, as long as the vision budget has room for its media: `max_images` for the batch
+(Qwen-VL v1), or `max_patches` ViT patches split evenly over `groups` groups of B / groups rows
+(the rows of one group share their group's patches; the groups are what the vision tower splits
+over the data axes of the mesh). Each sample keeps its own positions and gets the next segment
 id of its row; its patches keep the segment ids `make_vision_batch` gives per image / frame.
 
 `PackIterDataset` runs a Packer over a Grain iterator of examples. An example that does not fit
@@ -25,7 +27,7 @@ from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.data.batch import V1_PIXELS, empty_vision_batch, vision_fields
 from qwenvl_jax.data.stats import DataStats, SampleError
 from qwenvl_jax.data.transforms import Example, Skipped
-from qwenvl_jax.models.vision_inputs import make_vision_batch
+from qwenvl_jax.models.vision_inputs import VisionBatch, make_vision_batch, stack_groups
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +43,24 @@ class Packer:
         *,
         max_patches: int = 0,
         max_images: int = 0,
+        groups: int = 1,
     ) -> None:
         self.config = model_config
         self.v1 = model_config.family == "qwen_vl"
         self.batch_size, self.seq_len = batch_size, seq_len
         self.max_patches, self.max_images = max_patches, max_images
         unit = 1 if self.v1 else model_config.vision.spatial_merge_size**2
-        if max_patches % unit:
-            raise ValueError(f"max_patches must be a multiple of {unit}, got {max_patches}")
+        if groups < 1 or batch_size % groups or max_patches % (unit * groups):
+            raise ValueError(
+                f"{groups} vision groups must divide the {batch_size} rows, and max_patches "
+                f"({max_patches}) into multiples of {unit}"
+            )
+        self.groups = groups
+        self.group_patches = max_patches // groups  # each group's share of the patch budget
         self.rows: list[list[Example]] = [[] for _ in range(batch_size)]
         self.free = [seq_len] * batch_size
-        self.patches = self.images = 0
+        self.patches = [0] * groups
+        self.images = 0
 
     @property
     def empty(self) -> bool:
@@ -65,23 +74,21 @@ class Packer:
         """Whether the example could go into an empty batch."""
         return (
             example.num_tokens <= self.seq_len
-            and example.num_patches <= self.max_patches
+            and example.num_patches <= self.group_patches
             and example.num_images <= self.max_images
         )
 
     def add(self, example: Example) -> bool:
         """Place the example in the first row with room; False when it does not fit."""
-        if (
-            self.patches + example.num_patches > self.max_patches
-            or self.images + example.num_images > self.max_images
-        ):
+        if self.images + example.num_images > self.max_images:
             return False
-        n = example.num_tokens
+        n, per_group = example.num_tokens, self.batch_size // self.groups
         for row, free in enumerate(self.free):
-            if n <= free:
+            g = row // per_group
+            if n <= free and self.patches[g] + example.num_patches <= self.group_patches:
                 self.rows[row].append(example)
                 self.free[row] -= n
-                self.patches += example.num_patches
+                self.patches[g] += example.num_patches
                 self.images += example.num_images
                 return True
         return False
@@ -129,6 +136,15 @@ class Packer:
             return {V1_PIXELS: pixels}
         if not self.max_patches:
             return {}
+        per_group = self.batch_size // self.groups
+        groups = [
+            self._group_vision([ex for row in self.rows[g : g + per_group] for ex in row])
+            for g in range(0, self.batch_size, per_group)
+        ]
+        return vision_fields(stack_groups(groups))
+
+    def _group_vision(self, examples: list[Example]) -> VisionBatch:
+        """One group's media in row-major token order, padded to the group's budget."""
         parts: dict[str, list[np.ndarray]] = {
             k: []
             for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -140,17 +156,15 @@ class Packer:
                     items.append(value)
         cat = {k: np.concatenate(v) if v else None for k, v in parts.items()}
         if cat["image_grid_thw"] is None and cat["video_grid_thw"] is None:
-            vision = empty_vision_batch(self.config.vision, self.max_patches)
-        else:
-            vision = make_vision_batch(
-                self.config.vision,
-                cat["pixel_values"],
-                cat["image_grid_thw"],
-                cat["pixel_values_videos"],
-                cat["video_grid_thw"],
-                pad_to=self.max_patches,
-            )
-        return vision_fields(vision)
+            return empty_vision_batch(self.config.vision, self.group_patches)
+        return make_vision_batch(
+            self.config.vision,
+            cat["pixel_values"],
+            cat["image_grid_thw"],
+            cat["pixel_values_videos"],
+            cat["video_grid_thw"],
+            pad_to=self.group_patches,
+        )
 
 
 class PackIterDataset(grain.IterDataset):
@@ -165,6 +179,7 @@ class PackIterDataset(grain.IterDataset):
         *,
         max_patches: int = 0,
         max_images: int = 0,
+        groups: int = 1,
         max_pending: int | None = None,
         max_consecutive_skips: int = 1000,
     ) -> None:
@@ -175,6 +190,7 @@ class PackIterDataset(grain.IterDataset):
             seq_len=seq_len,
             max_patches=max_patches,
             max_images=max_images,
+            groups=groups,
         )
         self.max_pending = batch_size if max_pending is None else max_pending
         self.max_consecutive_skips = max_consecutive_skips

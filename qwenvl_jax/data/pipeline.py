@@ -176,10 +176,13 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     seed: int = 0,
+    vision_groups: int | None = None,
 ) -> TrainIterator:
     """The batch iterator of one process. `config`: a DataConfig, the `data` mapping, or a run
     config (see `DataConfig.from_any`); `processor`: the checkpoint's Processor; process
-    index/count default to JAX's."""
+    index/count default to JAX's; `vision_groups`: the groups the global batch's patches are
+    split into (the trainer's data-parallel shards; default one a process), each process making
+    its share of them."""
     cfg = DataConfig.from_any(config)
     if process_index is None or process_count is None:
         import jax
@@ -189,6 +192,18 @@ def make_train_iterator(
         raise ConfigError(f"process_index {process_index} is not in [0, {process_count})")
     rows = cfg.rows(process_count)
     max_patches, max_images = cfg.patch_budget(model_config, rows)
+    vision_groups = process_count if vision_groups is None else vision_groups
+    groups = vision_groups // process_count
+    if (
+        vision_groups < 1
+        or vision_groups % process_count
+        or rows % groups
+        or max_patches % (4 * groups)
+    ):
+        raise ConfigError(
+            f"{vision_groups} vision groups over {process_count} processes do not divide their "
+            f"{rows} rows and {max_patches} patches (multiples of 4)"
+        )
     source = open_source(cfg.train, tfds_data_dir=cfg.tfds_data_dir)
     written_for = getattr(source, "metadata", {}).get("family")
     if written_for and written_for != model_config.family:
@@ -207,7 +222,7 @@ def make_train_iterator(
         model_config,
         loss_on=cfg.loss_on,
         max_tokens=cfg.seq_len,
-        max_patches=max_patches,
+        max_patches=max_patches // groups,
         max_images=max_images,
     )
     ds = ds.map(_SafeTransform(transform, cfg.strict))
@@ -221,6 +236,7 @@ def make_train_iterator(
         cfg.seq_len,
         max_patches=max_patches,
         max_images=max_images,
+        groups=groups,
         max_pending=cfg.max_pending,
         max_consecutive_skips=cfg.max_consecutive_skips,
     )
@@ -236,7 +252,7 @@ def make_train_iterator(
             iter_ds, prefetch_buffer_size=cfg.prefetch
         )
     logger.info(
-        "data: %s, process %d/%d, %d records here, batch %dx%d, patches %d, images %d",
+        "data: %s, process %d/%d, %d records here, batch %dx%d, patches %d in %d groups, images %d",
         source,
         process_index,
         process_count,
@@ -244,6 +260,7 @@ def make_train_iterator(
         rows,
         cfg.seq_len,
         max_patches,
+        groups,
         max_images,
     )
     return TrainIterator(iter(iter_ds))

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from qwenvl_jax import multihost
 from qwenvl_jax.errors import InputError
 from qwenvl_jax.loading.fp8 import as_dtype
 from qwenvl_jax.loading.reader import (
@@ -398,33 +399,44 @@ def atomic_dir(dst: str | os.PathLike[str], *, overwrite: bool = False) -> Itera
     non-empty `dst` is refused (`InputError`) unless `overwrite=True`, in which case it is
     replaced only once the new folder is complete. Temporary folders of earlier writes of `dst`
     whose process is gone (killed, crashed) are removed first; the process ids are those of
-    this machine, so `dst` must not be written from several machines at once.
+    this machine. A multi-process run writes one folder together (named after the first
+    process, which prepares and renames it; the others wait for it at each step).
     """
     dst = Path(dst)
+    # on a multi-process run all processes write into one folder (Orbax writes each array's
+    # shards from the process that holds them); the first process prepares and renames it
+    lead = multihost.is_lead()
+    pid = multihost.gather_json(os.getpid())[0]
     if dst.exists() and not dst.is_dir():
         raise InputError(f"{dst}: exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise InputError(f"{dst}: folder exists and is not empty (overwrite it explicitly)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(dst)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    if tmp.exists():  # left by a crashed run that had the same pid
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = dst.parent / f".{dst.name}.tmp-{pid}"
+    if lead:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(dst)
+        if tmp.exists():  # left by a crashed run that had the same pid
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    multihost.barrier(f"{tmp.name}:ready")
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    try:
-        if dst.is_dir():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    multihost.barrier(f"{tmp.name}:written")
+    if lead:
+        try:
+            if dst.is_dir():
+                old = dst.parent / f".{dst.name}.old-{pid}"
+                os.rename(dst, old)
+                os.rename(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    multihost.barrier(f"{tmp.name}:renamed")
     logger.debug("%s: written", dst)

@@ -7,6 +7,7 @@ that jitted prefill, decoding and training call directly.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +19,7 @@ from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.models.base import VisionLanguageModel, jitted_logits
 from qwenvl_jax.models.mrope import get_rope_index
 from qwenvl_jax.models.vision import VisionTower
-from qwenvl_jax.models.vision_inputs import VisionBatch, make_vision_batch
+from qwenvl_jax.models.vision_inputs import VisionBatch, is_grouped, make_vision_batch
 
 
 class ModelInputs(NamedTuple):
@@ -101,7 +102,7 @@ class QwenVLForConditionalGeneration(VisionLanguageModel):
         patch_bucket: int | None = None,
     ) -> ModelInputs:
         """Host-side preparation: M-RoPE positions and the padded vision batch (to
-        `patch_bucket` patches, default the next power of two)."""
+        `patch_bucket` patches, default `vision_inputs.bucket`)."""
         del mm_token_type_ids  # the token ids say the same
         ids = np.asarray(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
@@ -135,11 +136,28 @@ class QwenVLForConditionalGeneration(VisionLanguageModel):
             return x, None
         feats, deep = self.visual(vision)
         off = jnp.asarray(vision.video_offset)
-        x = scatter_vision(x, input_ids, cfg.image_token_id, feats, 0)
-        x = scatter_vision(x, input_ids, cfg.video_token_id, feats, off)
+        if is_grouped(vision):  # group g holds the media of rows [g * B / G, (g + 1) * B / G)
+            G = feats.shape[0]
+            split = lambda a: a.reshape(G, a.shape[0] // G, *a.shape[1:])
+            x = jax.vmap(partial(_scatter_media, cfg))(split(x), split(input_ids), feats, off)
+            x = x.reshape(-1, *x.shape[2:])
+            if deep is None:
+                return x, None
+            zeros = jnp.zeros((G, deep.shape[0], x.shape[0] // G, *x.shape[1:]), x.dtype)
+            ds = jax.vmap(partial(_scatter_media, cfg), in_axes=(0, 0, 1, 0))(
+                zeros, split(input_ids), deep, off
+            )  # [G, n, B / G, T, D]
+            ds = jnp.moveaxis(ds, 0, 1)
+            return x, ds.reshape(ds.shape[0], -1, *ds.shape[3:])
+        x = _scatter_media(cfg, x, input_ids, feats, off)
         ds = None
         if deep is not None:
             zeros = jnp.zeros((deep.shape[0], *x.shape), x.dtype)
-            ds = scatter_vision(zeros, input_ids, cfg.image_token_id, deep, 0)
-            ds = scatter_vision(ds, input_ids, cfg.video_token_id, deep, off)
+            ds = _scatter_media(cfg, zeros, input_ids, deep, off)
         return x, ds
+
+
+def _scatter_media(cfg: ModelConfig, embeds, ids, features, video_offset):
+    """The images' features (from 0) and the videos' (from video_offset) written in."""
+    x = scatter_vision(embeds, ids, cfg.image_token_id, features, 0)
+    return scatter_vision(x, ids, cfg.video_token_id, features, video_offset)

@@ -22,7 +22,7 @@ from qwenvl_jax.layers.mlp import MLP, GatedMLP
 from qwenvl_jax.layers.norms import LayerNorm, make_norm
 from qwenvl_jax.layers.remat import call_block
 from qwenvl_jax.layers.rope import apply_rope, inv_freq, rope_angles
-from qwenvl_jax.models.vision_inputs import VisionBatch
+from qwenvl_jax.models.vision_inputs import VisionBatch, is_grouped
 from qwenvl_jax.sharding import normal, param, shard
 
 
@@ -35,15 +35,17 @@ class VisionAttention(nnx.Module):
         self.proj = Linear(D, D, axes=("vit_heads", "vit_embed"), **kw)
 
     def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """x: float[N, D]; angles: float32[N, hd/2]; segment_ids: int[N]."""
-        N, D = x.shape
-        qkv = self.qkv(x).reshape(N, 3, self.heads, D // self.heads)
-        q, k, v = (qkv[None, :, i] for i in range(3))
-        q = apply_rope(q, angles[None], in_fp32=True)
-        k = apply_rope(k, angles[None], in_fp32=True)
-        seg = segment_ids[None]
-        out = dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=False)
-        return self.proj(out.reshape(N, D))
+        """x: float[G, N, D] (G groups of N patches, attended separately); angles:
+        float32[G, N, hd/2]; segment_ids: int[G, N]."""
+        G, N, D = x.shape
+        qkv = self.qkv(x).reshape(G, N, 3, self.heads, D // self.heads)
+        q, k, v = (qkv[:, :, i] for i in range(3))
+        q = apply_rope(q, angles, in_fp32=True)
+        k = apply_rope(k, angles, in_fp32=True)
+        out = dot_product_attention(
+            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=False
+        )
+        return self.proj(out.reshape(G, N, D))
 
 
 class VisionBlock(nnx.Module):
@@ -98,11 +100,12 @@ class PatchMerger(nnx.Module):
         self.fc2 = Linear(wide, cfg.out_hidden_size, axes=("vit_mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: float[N, D] -> float[N / m^2, out]."""
+        """x: float[..., N, D] -> float[..., N / m^2, out]."""
+        wide = (*x.shape[:-2], -1, x.shape[-1] * self.unit)
         if self.postshuffle:
-            x = self.norm(x.reshape(-1, x.shape[-1] * self.unit))
+            x = self.norm(x.reshape(wide))
         else:
-            x = self.norm(x).reshape(-1, x.shape[-1] * self.unit)
+            x = self.norm(x).reshape(wide)
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
@@ -145,17 +148,26 @@ class VisionTower(nnx.Module):
 
     def __call__(self, batch: VisionBatch) -> tuple[jax.Array, jax.Array | None]:
         """Returns (merged tokens float[N/m^2, out] in raster order, DeepStack features
-        float[n_deepstack, N/m^2, out] or None)."""
+        float[n_deepstack, N/m^2, out] or None); a grouped batch (a leading group axis G on
+        every field) gives float[G, N/m^2, out] and float[n_deepstack, G, N/m^2, out]."""
+        grouped = is_grouped(batch)
+        if not grouped:
+            batch = VisionBatch(*(jnp.asarray(v)[None] for v in batch))
         cfg = self.cfg
         x = self.patch_embed(jnp.asarray(batch.pixels))
         if self.pos_embed is not None:
             table = jnp.take(self.pos_embed[...].astype(jnp.float32), batch.interp_idx, axis=0)
-            x = x + jnp.sum(table * batch.interp_w[..., None], axis=1).astype(x.dtype)
-        x = shard(x[batch.perm], ("vit_tokens", None))
+            x = x + jnp.sum(table * batch.interp_w[..., None], axis=-2).astype(x.dtype)
+        x = jnp.take_along_axis(x, batch.perm[..., None], axis=1)
+        # groups are split over the data axes; a lone list of patches shards its patches
+        axes = ("vit_groups", None, None) if grouped else (None, "vit_tokens", None)
+        x = shard(x, axes)
         hd = cfg.head_dim
         freqs = np.tile(inv_freq(hd // 2, cfg.rope_theta), 2)  # (h then w) x hd/4 frequencies
-        angles = rope_angles(batch.pos_hw, freqs, np.repeat(np.arange(2), hd // 4))
+        pos = jnp.moveaxis(batch.pos_hw, 1, 0)  # [2, G, N]
+        angles = rope_angles(pos, freqs, np.repeat(np.arange(2), hd // 4))
         windowed = cfg.kind == "qwen2_5_vl"
+        unperm = batch.unperm[..., None]
         deepstack = []
         for i, block in enumerate(self.blocks):
             full = not windowed or i in cfg.fullatt_block_indexes
@@ -164,6 +176,11 @@ class VisionTower(nnx.Module):
                 x = call_block(block, self.remat, x, angles, seg)
             if i in cfg.deepstack_visual_indexes:
                 j = cfg.deepstack_visual_indexes.index(i)
-                deepstack.append(self.deepstack_merger_list[j](x)[batch.unperm])
-        merged = self.merger(x)[batch.unperm]
-        return merged, (jnp.stack(deepstack) if deepstack else None)
+                feats = self.deepstack_merger_list[j](x)
+                deepstack.append(jnp.take_along_axis(feats, unperm, axis=1))
+        merged = jnp.take_along_axis(self.merger(x), unperm, axis=1)
+        deep = jnp.stack(deepstack) if deepstack else None
+        if not grouped:
+            merged = merged[0]
+            deep = None if deep is None else deep[:, 0]
+        return merged, deep

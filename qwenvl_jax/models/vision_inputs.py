@@ -167,3 +167,13 @@ def make_vision_batch(
         interp_w=wts,
         video_offset=np.asarray(n_image_patches // unit, np.int32),
     )
+
+
+def stack_groups(groups: list[VisionBatch]) -> VisionBatch:
+    """G equally padded VisionBatches as one with a leading group axis on every field."""
+    return VisionBatch(*(np.stack(values) for values in zip(*groups, strict=True)))
+
+
+def is_grouped(batch: VisionBatch) -> bool:
+    """Whether the batch carries a leading group axis (a training batch)."""
+    return np.ndim(batch.segment_ids) == 2

@@ -29,7 +29,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from qwenvl_jax.errors import CheckpointError
+from qwenvl_jax import multihost
+from qwenvl_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,13 @@ class Checkpoints:
     def save(
         self, step: int, state: Any, frozen: Any, data_state: Any, meta: dict, *, wait: bool = False
     ) -> None:
-        """Start saving (returns once the arrays are off the devices, unless `wait`)."""
+        """Start saving (returns once the arrays are off the devices, unless `wait`). Every
+        process calls it; `data_state` is this process's iterator state, and the checkpoint
+        keeps all processes' (written once, by the first)."""
+        iterators = multihost.gather_json(data_state)
         items = dict(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"iterator": data_state}),
+            data=ocp.args.JsonSave({"iterators": iterators}),
             meta=ocp.args.JsonSave(meta),
         )
         if jax.tree.leaves(frozen):  # stage 2 trains everything: nothing frozen to save
@@ -74,8 +78,8 @@ class Checkpoints:
     def restore(
         self, step: int, abstract_state: Any, abstract_frozen: Any
     ) -> tuple[Any, Any, Any, dict]:
-        """(state, frozen, data iterator state, meta) of checkpoint `step`, each array read
-        straight into the sharding of its abstract target."""
+        """(state, frozen, this process's data iterator state, meta) of checkpoint `step`, each
+        array read straight into the sharding of its abstract target."""
         items = dict(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
@@ -86,7 +90,13 @@ class Checkpoints:
             items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
         out = self._restore(step, **items)
         frozen = out["frozen"] if has_frozen else abstract_frozen
-        return out["state"], frozen, out["data"]["iterator"], out["meta"]
+        iterators = out["data"].get("iterators") or [out["data"].get("iterator")]
+        if len(iterators) != jax.process_count():
+            raise ConfigError(
+                f"{self.path(step)} was written by {len(iterators)} processes, this run has "
+                f"{jax.process_count()}: the data iterators cannot resume"
+            )
+        return out["state"], frozen, iterators[jax.process_index()], out["meta"]
 
     def _restore(self, step: int, **items: Any) -> Any:
         try:

@@ -81,8 +81,21 @@ def load_model(
     return build_model(config, seed=cfg.seed, **kw)
 
 
-def make_data(cfg: TrainConfig, config: ModelConfig, model_path: str):
-    """The batch iterator: `data.train: synthetic` or the data pipeline over real records."""
+def batch_shards(mesh: jax.sharding.Mesh, batch_size: int) -> int:
+    """The data-parallel shards of the mesh (data x fsdp x expert): what the batch rows, and the
+    vision tower's patch groups, are split over. The batch size must divide by them."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    if batch_size % shards:
+        raise ConfigError(
+            f"batch_size {batch_size} does not divide over the "
+            f"{shards} data-parallel devices of the mesh"
+        )
+    return shards
+
+
+def make_data(cfg: TrainConfig, config: ModelConfig, model_path: str, vision_groups: int = 1):
+    """The batch iterator: `data.train: synthetic` or the data pipeline over real records, with
+    the batch's patches in `vision_groups` groups (`batch_shards`)."""
     d = dict(cfg.data)
     if not d.get("train"):
         raise ConfigError(
@@ -107,6 +120,9 @@ def make_data(cfg: TrainConfig, config: ModelConfig, model_path: str):
             distinct=int(d.get("distinct", 0)),
             images=bool(d.get("images", True)),
             max_patches=d.get("max_patches"),
+            groups=vision_groups,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
     if not Path(model_path).is_dir():
         raise ConfigError(
@@ -126,7 +142,7 @@ def make_data(cfg: TrainConfig, config: ModelConfig, model_path: str):
         processor.image_config = processor.image_config.updated(bounds)
     elif bounds:
         log.warning("%s images have a fixed size; min/max_pixels ignored", config.family)
-    return make_train_iterator(cfg, processor, config, seed=cfg.seed)
+    return make_train_iterator(cfg, processor, config, seed=cfg.seed, vision_groups=vision_groups)
 
 
 def export_model(model: nnx.Module, folder: Path, source: str) -> None:
@@ -189,14 +205,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> int:
     mesh = run_mesh(cfg.mesh, batch_size=cfg.batch_size, num_experts=config.text.num_experts)
     if cfg.mesh.auto and jax.process_index() == 0:
         print(f"mesh (auto): {dict(mesh.shape)}", flush=True)
-    rows = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
-    if cfg.batch_size % rows:
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} does not divide over the "
-            f"{rows} data-parallel devices of the mesh"
-        )
+    shards = batch_shards(mesh, cfg.batch_size)
     # the data (its files, the tokenizer it needs) is checked before anything is written
-    data = make_data(cfg, config, model_path)
+    data = make_data(cfg, config, model_path, vision_groups=shards)
     with contextlib.ExitStack() as cleanup:
         # Stop the pipeline's prefetch threads on the way out: left to interpreter shutdown,
         # Grain's iterator finalisers print tracebacks once their modules are gone.
@@ -370,6 +381,7 @@ __all__ = [
     "EXIT_PREEMPTED",
     "export_model",
     "load_model",
+    "batch_shards",
     "make_data",
     "resume",
     "run_mesh",

@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from qwenvl_jax.config import ModelConfig, V1VisionConfig, load_config
-from qwenvl_jax.data.batch import V1_PIXELS, empty_vision_batch, vision_fields
+from qwenvl_jax.config import ModelConfig, load_config
+from qwenvl_jax.data.batch import V1_PIXELS, batch_spec
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.train.config import TrainConfig, resolve_model_path
 
@@ -108,9 +108,12 @@ def _host_memory_bytes() -> float:
 # ---------------------------------------------------------------------------------- the batch
 
 
-def batch_shapes(cfg: TrainConfig, config: ModelConfig) -> dict[str, tuple[tuple, Any]]:
+def batch_shapes(
+    cfg: TrainConfig, config: ModelConfig, vision_groups: int = 1
+) -> dict[str, tuple[tuple, Any]]:
     """(shape, dtype) of each entry of a training batch of this run: the batch contract
-    (data/batch.py) at `batch_size` x `seq_len`, with the data config's vision budget."""
+    (data/batch.py) at `batch_size` x `seq_len`, with the data config's vision budget in
+    `vision_groups` groups."""
     from qwenvl_jax.data.pipeline import DataConfig
 
     names = {f.name for f in dataclasses.fields(DataConfig)}
@@ -120,25 +123,13 @@ def batch_shapes(cfg: TrainConfig, config: ModelConfig) -> dict[str, tuple[tuple
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
     )
-    if dc.max_patches is not None and dc.max_patches % 4:
-        raise ConfigError(f"data.max_patches must be a multiple of 4, got {dc.max_patches}")
+    if dc.max_patches is not None and dc.max_patches % (4 * vision_groups):
+        raise ConfigError(
+            f"data.max_patches must be a multiple of 4 x {vision_groups} (the data-parallel "
+            f"shards), got {dc.max_patches}"
+        )
     max_patches, max_images = dc.patch_budget(config, cfg.batch_size)
-    B, L = cfg.batch_size, cfg.seq_len
-    shapes: dict[str, tuple[tuple, Any]] = {
-        "input_ids": ((B, L), np.int32),
-        "segment_ids": ((B, L), np.int32),
-        "position_ids": ((3, B, L), np.int32),
-        "targets": ((B, L), np.int32),
-        "loss_mask": ((B, L), np.float32),
-    }
-    if isinstance(config.vision, V1VisionConfig):
-        if max_images:
-            size = config.vision.image_size
-            shapes[V1_PIXELS] = ((max_images, 3, size, size), np.float32)
-    elif max_patches:
-        for k, v in vision_fields(empty_vision_batch(config.vision, max_patches)).items():
-            shapes[k] = (v.shape, v.dtype)
-    return shapes
+    return batch_spec(config, cfg.batch_size, cfg.seq_len, max_patches, max_images, vision_groups)
 
 
 # ---------------------------------------------------------------------------------- the step
@@ -149,7 +140,7 @@ def build_trainer(cfg: TrainConfig, devices: list):
     shardings only), configured with the run's remat and layer scan as `train` does."""
     from qwenvl_jax.modeling import build_model
     from qwenvl_jax.train import blocks
-    from qwenvl_jax.train.loop import run_mesh
+    from qwenvl_jax.train.loop import batch_shards, run_mesh
     from qwenvl_jax.train.step import Trainer
 
     if not cfg.model:
@@ -158,12 +149,7 @@ def build_trainer(cfg: TrainConfig, devices: list):
     mesh = run_mesh(
         cfg.mesh, devices, batch_size=cfg.batch_size, num_experts=config.text.num_experts
     )
-    rows = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
-    if cfg.batch_size % rows:
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} does not divide over the {rows} data-parallel "
-            "devices of the mesh"
-        )
+    batch_shards(mesh, cfg.batch_size)
     model = build_model(
         config, abstract=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh
     )
@@ -190,7 +176,7 @@ def full_batch_flops(config: ModelConfig, shapes: Mapping[str, tuple[tuple, Any]
     if V1_PIXELS in shapes:
         host[V1_PIXELS] = np.zeros((shapes[V1_PIXELS][0][0], 1), np.float32)
     elif "vision.segment_ids" in shapes:
-        n = shapes["vision.segment_ids"][0][0]
+        n = math.prod(shapes["vision.segment_ids"][0])
         host["vision.segment_ids"] = (np.arange(n) // 256 + 1).astype(np.int32)
         host["vision.window_segment_ids"] = host["vision.segment_ids"]
     return float(step_flops(config, host))
@@ -343,19 +329,52 @@ def hlo_matmul_flops(text: str) -> dict[str, float]:
     return {"once": once, "with_trips": with_trips, "unknown_loops": len(unknown)}
 
 
+_COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
+_ARRAY = re.compile(r"([a-z]\w*)\[([\d,]*)\]")
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape ('f32[4,8]', or a tuple of them)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        bits = int(re.sub(r"\D", "", dtype) or 8) if dtype != "pred" else 8
+        total += math.prod(int(d) for d in dims.split(",") if d) * max(bits // 8, 1)
+    return total
+
+
+def hlo_collectives(text: str) -> dict[str, Any]:
+    """The collectives of a compiled module's HLO text, each instruction counted once: how many
+    of each kind, and the bytes of the largest all-reduce (a gradient reduced whole shows up as
+    an all-reduce the size of its parameter; reduce-scattered, it does not)."""
+    comps, _ = _parse_hlo(text)
+    counts = dict.fromkeys(_COLLECTIVES, 0)
+    largest = 0
+    for body in comps.values():
+        for _, shape, op, _ in body:
+            kind = op.removesuffix("-start")
+            if kind in counts:
+                counts[kind] += 1
+                if kind == "all-reduce":
+                    largest = max(largest, _shape_bytes(shape))
+    return {"counts": counts, "largest_all_reduce_bytes": largest}
+
+
 # ---------------------------------------------------------------------------------- the plan
 
 
 def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
     """Compile the run's train step for the topology and report memory, fit and speed."""
+    from qwenvl_jax.train.loop import batch_shards
+
     topo = topology(topology_name)
     trainer, config, mesh = build_trainer(cfg, topo.devices)
-    shapes = batch_shapes(cfg, config)
+    shapes = batch_shapes(cfg, config, batch_shards(mesh, cfg.batch_size))
     batch = {
         k: jax.ShapeDtypeStruct(s, d, sharding=trainer.batch_sharding(k, s))
         for k, (s, d) in shapes.items()
     }
     state, frozen = trainer.abstract_state(), trainer.abstract_frozen()
+    pixels = shapes["vision.pixels"][0] if "vision.pixels" in shapes else None
     chip = {
         "params": per_device_bytes(state["params"]),
         "optimizer": per_device_bytes(state["opt_state"]),
@@ -373,7 +392,8 @@ def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
         "stage": cfg.stage,
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
-        "vision_patches": int(shapes["vision.pixels"][0][0]) if "vision.pixels" in shapes else 0,
+        "vision_patches": math.prod(pixels[:2]) if pixels else 0,
+        "vision_groups": pixels[0] if pixels else 0,
         "remat": cfg.remat,
         "scan_layers": cfg.scan_layers,
         "hbm_bytes": topo.hbm_bytes,
@@ -410,7 +430,8 @@ def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
     )
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
-    flops = hlo_matmul_flops(compiled.as_text())
+    hlo = compiled.as_text()
+    flops = hlo_matmul_flops(hlo)
     scale = flops["with_trips"] / flops["once"] if flops["once"] else 1.0
     if float(cost.get("optimal_seconds", -1)) > 0:  # the TPU compiler gives -2 when it has none
         est = float(cost["optimal_seconds"]) * scale
@@ -434,6 +455,7 @@ def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
         "est_source": source,
         "model_flops": model_flops,
         "est_mfu": est_mfu,
+        "collectives": hlo_collectives(hlo),
     }
 
 
@@ -475,7 +497,22 @@ def format_plan(r: Mapping[str, Any]) -> str:
             f"compile {r['compile_s']:.1f} s; estimated step {r['est_step_s']:.4g} s "
             f"({r['est_source']}, loops x{r['loop_scale']:.2f}); MFU {100 * r['est_mfu']:.1f}%"
         )
+        n = r["collectives"]["counts"]
+        lines.append(
+            f"collectives: {n['all-reduce']} all-reduce (largest "
+            f"{gib(r['collectives']['largest_all_reduce_bytes']).strip()}), "
+            f"{n['reduce-scatter']} reduce-scatter, {n['all-gather']} all-gather, "
+            f"{n['all-to-all']} all-to-all"
+        )
     return "\n".join(lines)
 
 
-__all__ = ["CHIPS", "batch_shapes", "format_plan", "hlo_matmul_flops", "plan", "topology"]
+__all__ = [
+    "CHIPS",
+    "batch_shapes",
+    "format_plan",
+    "hlo_collectives",
+    "hlo_matmul_flops",
+    "plan",
+    "topology",
+]

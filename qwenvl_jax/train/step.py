@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qwenvl_jax.data.batch import TEXT_KEYS, batch_to_model_inputs
+from qwenvl_jax.data.batch import TEXT_KEYS, V1_PIXELS, batch_to_model_inputs
 from qwenvl_jax.layers.moe import load_balancing_loss
 from qwenvl_jax.sharding import logical_to_spec, state_shardings, use_mesh
 from qwenvl_jax.train.config import TrainConfig
@@ -170,8 +170,10 @@ class Trainer:
             axes = (None, "batch", "length")
         elif key in TEXT_KEYS:
             axes = ("batch", "length")
-        else:  # vision inputs: replicated; the towers shard their tokens themselves
+        elif key == V1_PIXELS:  # Qwen-VL v1's pictures: replicated
             return self.replicated
+        else:  # the patch groups: split over the data axes as the rows they belong to
+            axes = ("vit_groups",) + (None,) * (len(shape) - 1)
         return NamedSharding(self.mesh, logical_to_spec(axes, shape, self.mesh))
 
     def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:

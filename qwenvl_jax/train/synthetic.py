@@ -15,7 +15,7 @@ import numpy as np
 from qwenvl_jax.config import ModelConfig, V1VisionConfig
 from qwenvl_jax.data.batch import V1_PIXELS, empty_vision_batch, vision_fields
 from qwenvl_jax.models.mrope import get_rope_index
-from qwenvl_jax.models.vision_inputs import make_vision_batch
+from qwenvl_jax.models.vision_inputs import make_vision_batch, stack_groups
 
 # image grids (h, w) in patches, multiples of the 2x2 merge
 GRIDS = ((4, 4), (2, 4), (4, 2), (2, 2))
@@ -39,6 +39,9 @@ class SyntheticBatches:
         images: bool = True,
         max_patches: int | None = None,
         answer_len: int = 6,
+        groups: int = 1,
+        process_index: int = 0,
+        process_count: int = 1,
     ):
         self.config = config
         self.B, self.L = batch_size, seq_len
@@ -49,6 +52,12 @@ class SyntheticBatches:
         self.max_patches = 0
         if images and not self.v1:
             self.max_patches = max_patches or 2 * batch_size * max(h * w for h, w in GRIDS)
+        if batch_size % groups or self.max_patches % (4 * groups):
+            raise ValueError(f"{groups} vision groups do not divide the batch and its patches")
+        self.groups = groups  # the batch's patches in groups of B / groups rows (data/batch.py)
+        if batch_size % process_count or groups % process_count:
+            raise ValueError(f"{process_count} processes do not divide the batch and its groups")
+        self.process = (process_index, process_count)  # this process feeds its share of rows
         self.index = 0
 
     # -- Grain-style iterator protocol --------------------------------------------------------
@@ -58,7 +67,23 @@ class SyntheticBatches:
     def __next__(self) -> dict[str, np.ndarray]:
         i = self.index % self.distinct if self.distinct else self.index
         self.index += 1
-        return self.batch(i)
+        return self.local(self.batch(i))
+
+    def local(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This process's share of a global batch: its rows and their patch groups (Qwen-VL
+        v1's pictures are replicated, so every process holds them all)."""
+        p, n = self.process
+        if n == 1:
+            return batch
+        out = {}
+        for key, value in batch.items():
+            axis = 1 if key == "position_ids" else 0
+            if key == V1_PIXELS:
+                out[key] = value
+                continue
+            size = value.shape[axis] // n
+            out[key] = np.take(value, np.arange(p * size, (p + 1) * size), axis=axis)
+        return out
 
     def get_state(self) -> dict[str, Any]:
         return {"index": self.index}
@@ -114,13 +139,20 @@ class SyntheticBatches:
             "loss_mask": np.zeros((B, L), np.float32),
         }
         images = []
+        rows_per_group = B // self.groups
+        used = [0] * self.groups  # patches of each group so far (a row stops at its budget)
         for b in range(B):
             at = 0
             for seg in (1, 2):
                 ids, mask, image = self._sample(rng)
                 n = len(ids)
+                g = b // rows_per_group
+                patches = 0 if image is None or self.v1 else len(image[1])
                 if at + n > L or (seg == 2 and rng.random() < 0.3):
                     break
+                if self.max_patches and used[g] + patches > self.max_patches // self.groups:
+                    break
+                used[g] += patches
                 sl = slice(at, at + n)
                 out["input_ids"][b, sl] = ids
                 out["segment_ids"][b, sl] = seg
@@ -133,26 +165,26 @@ class SyntheticBatches:
                     pos, _ = get_rope_index(cfg, ids[None], None, grid)
                     out["position_ids"][:, b, sl] = pos[:, 0]
                 if image is not None:
-                    images.append(image)
+                    images.append((b, image))
                 at += n
         if self.v1 and self.max_images:
             v = cfg.vision
             pix = np.zeros((self.max_images, 3, v.image_size, v.image_size), np.float32)
-            for k, (_, p) in enumerate(images):
+            for k, (_, (_, p)) in enumerate(images):
                 pix[k] = p
             out[V1_PIXELS] = pix
         elif self.max_patches:
-            if images:
-                grids = np.asarray([g for g, _ in images])
-                vb = make_vision_batch(
-                    cfg.vision,
-                    np.concatenate([p for _, p in images]),
-                    grids,
-                    pad_to=self.max_patches,
-                )
-            else:
-                vb = empty_vision_batch(cfg.vision, self.max_patches)
-            out.update(vision_fields(vb))
+            rows, size = B // self.groups, self.max_patches // self.groups
+            groups = []
+            for g in range(self.groups):
+                mine = [im for b, im in images if b // rows == g]
+                if mine:
+                    grids = np.asarray([grid for grid, _ in mine])
+                    pixels = np.concatenate([p for _, p in mine])
+                    groups.append(make_vision_batch(cfg.vision, pixels, grids, pad_to=size))
+                else:
+                    groups.append(empty_vision_batch(cfg.vision, size))
+            out.update(vision_fields(stack_groups(groups)))
         return out
 
 

@@ -1,0 +1,141 @@
+"""Two processes (`jax.distributed` on this machine, one CPU device each, gloo collectives) train
+one run together: each feeds its own rows and patch groups, checkpoints are written once, and a
+run killed with SIGKILL resumes on both processes to the losses of an uninterrupted run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+ARGS = [
+    "--no-progress",
+    "model=tiny_qwen2_5_vl",
+    "stage=2",
+    "data.train=synthetic",
+    "data.distinct=3",
+    f"steps={STEPS}",
+    "batch_size=4",
+    "seq_len=64",
+    "checkpoint_every=2",
+    "keep_checkpoints=2",
+    "dtype=float32",
+    "remat=none",
+    "learning_rate=1e-3",
+    "warmup_steps=2",
+    "seed=5",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(workdir: Path, cache: Path) -> list[subprocess.Popen]:
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        TF_CPP_MIN_LOG_LEVEL="3",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    env.pop("XLA_FLAGS", None)  # one device a process
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qwenvl_jax.cli",
+                "train",
+                "--workdir",
+                str(workdir),
+                "--coordinator",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                *ARGS,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for i in range(2)
+    ]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        out.append((p.returncode, err))
+    return out
+
+
+def records(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line being written
+                out.append(json.loads(line))
+    return out
+
+
+def committed(workdir: Path) -> list[int]:
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def test_two_processes_train_and_resume_after_sigkill(tmp_path):
+    cache = tmp_path / "jax_cache"
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    results = finish(start(ref_dir, cache))
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    reference = records(ref_dir)
+    assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
+    assert reference[-1]["loss"] < reference[0]["loss"]
+    assert committed(ref_dir) == [STEPS - 2, STEPS]  # written once, by both processes together
+    assert (ref_dir / "model" / "config.json").is_file()
+    assert not [p for p in ref_dir.iterdir() if ".tmp-" in p.name]
+    saved = json.loads((ref_dir / "checkpoints" / str(STEPS) / "data" / "metadata").read_text())
+    assert len(saved["iterators"]) == 2  # each process's data iterator
+
+    procs = start(run_dir, cache)
+    deadline = time.time() + 500
+    while len(records(run_dir)) < 5:
+        assert all(p.poll() is None for p in procs), finish(procs)[0][1][-3000:]
+        assert time.time() < deadline, "the run made no progress"
+        time.sleep(0.02)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    finish(procs)
+    killed_at = len(records(run_dir))
+    assert killed_at < STEPS, "the run finished before SIGKILL"
+    assert committed(run_dir) and committed(run_dir)[-1] < STEPS
+    assert not (run_dir / "model").exists()
+
+    for rc, err in finish(start(run_dir, cache)):
+        assert rc == 0, err[-3000:]
+    resumed = records(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    np.testing.assert_array_equal([r["loss"] for r in resumed], [r["loss"] for r in reference])
