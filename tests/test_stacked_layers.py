@@ -186,3 +186,43 @@ def test_checkpoint_view_unstacks_in_layer_order():
     names = [f"language_model.layers.{i}.{p}" for i in range(n) for p in ("a.kernel", "b.weight")]
     assert list(view) == [*names, "lm_head.kernel"]
     assert view[f"language_model.layers.{n - 1}.b.weight"] == (n - 1) * 10.0
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2_5_vl", "tiny_qwen3_vl_moe"])
+def test_one_run_per_layer_is_the_same_model(name):
+    """The CPU decoding layout (each layer its own run of one, `one_run_per_layer`) gives the
+    stacked model's logits and cache (to float32 rounding: the compiler fuses a loop body and
+    straight-line code differently), and leaves the stacked model as it was."""
+    from qwenvl_jax.inference.generate import Generator
+    from qwenvl_jax.models.text import KVCache, one_run_per_layer
+
+    config = load_config(name)
+    model = build_model(config, seed=1)
+    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model.language_model.runs))]
+    view = one_run_per_layer(model)
+    L = config.text.num_hidden_layers
+    assert view.language_model.ranges == tuple((i, i + 1) for i in range(L))
+    assert len(model.language_model.runs) == len(layer_runs(config.text))
+    ids = (np.arange(24)[None] * 7) % 90 + 10
+    seg = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(24), (3, 1, 24))
+
+    def run(m):
+        text = m.config.text
+        cache = KVCache.empty(text, 1, 32, jnp.float32)
+        logits, cache, _ = m.forward(ids, seg, pos, cache=cache, cache_index=0)
+        return np.asarray(logits), jax.tree.map(np.asarray, cache)
+
+    with jax.default_matmul_precision("highest"):
+        (a, ca), (b, cb) = run(model), run(view)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+    after = jax.tree.leaves(nnx.state(model.language_model.runs))
+    for x, y in zip(before, after):
+        np.testing.assert_array_equal(x, np.asarray(y))
+    # the generator makes the copy once and again only when the weights change
+    gen = Generator.for_model(model)
+    first = gen.running_model()
+    assert gen.running_model() is first
+    assert len(first.language_model.runs) == L

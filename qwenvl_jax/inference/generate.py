@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding
 
 from qwenvl_jax.errors import ConfigError, InputError
 from qwenvl_jax.inference.sampling import SamplingMode, mark_seen, sample
-from qwenvl_jax.models.text import KVCache
+from qwenvl_jax.models.text import KVCache, one_run_per_layer
 from qwenvl_jax.models.vision_inputs import bucket as patch_count_bucket
 from qwenvl_jax.sharding import shard, use_mesh
 
@@ -298,6 +298,20 @@ class Generator:
 
     def __init__(self, model: nnx.Module):
         self._model = weakref.ref(model)
+        self._view: tuple[list, nnx.Module] | None = None
+
+    def running_model(self) -> nnx.Module:
+        """The model the programs run: on the CPU its one-run-per-layer copy
+        (`models.text.one_run_per_layer`: XLA:CPU would copy each stacked layer's weights out of
+        the stack on every decode step), made once and again only when the weights change."""
+        model = self._model()
+        text = model.language_model
+        if jax.default_backend() != "cpu" or len(text.runs) == text.cfg.num_hidden_layers:
+            return model
+        leaves = jax.tree.leaves(nnx.state(model.language_model.runs))
+        if self._view is None or any(a is not b for a, b in zip(self._view[0], leaves)):
+            self._view = (leaves, one_run_per_layer(model))
+        return self._view[1]
 
     @classmethod
     def for_model(cls, model: nnx.Module) -> Generator:
@@ -376,7 +390,6 @@ class Generator:
         repetition_penalty: float = 1.0,
     ) -> list[GenerateOutput]:
         """Greedy when temperature == 0; repetition_penalty 1 = off."""
-        model = self._model()
         t0 = time.perf_counter()
         prep = self.prepare(processor, conversations, max_new_tokens)
         x, lengths, P, N = prep.inputs, prep.prompt_tokens, prep.prompt_bucket, prep.new_bucket
@@ -384,7 +397,7 @@ class Generator:
         B = x.input_ids.shape[0]
         prepare_s = time.perf_counter() - t0
 
-        graphdef, state = nnx.split(model)
+        graphdef, state = nnx.split(self.running_model())
         mode = SamplingMode.of(temperature, top_k, top_p, repetition_penalty)
         knobs = Knobs(
             np.uint32(seed % 2**32),

@@ -270,7 +270,7 @@ class Engine:
         self.generation_config = dict(getattr(processor, "generation_config", None) or {})
         self.eos = {int(t) for t in getattr(processor, "eos_token_ids", []) or []}
         self._generator = Generator.for_model(model)
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, self._state = nnx.split(self._generator.running_model())
         self._mesh = _mesh_of(self._state)
         self.compiles: collections.Counter = collections.Counter()
         static = dict(graphdef=self._graphdef, ntk_alpha=1.0)
