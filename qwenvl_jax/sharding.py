@@ -182,6 +182,43 @@ def shard(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh))
 
 
+def map_shards(
+    fn: Callable, in_axes: Sequence[Sequence[str | None]], out_axes: Sequence[str | None]
+) -> Callable:
+    """`fn` run on each device's shard of its array arguments, split by their logical axes, when
+    a mesh is active (`jax.shard_map`: XLA cannot partition a Pallas TPU kernel itself); else
+    `fn`. A logical axis splits only where every dimension named by it divides over its mesh
+    axes, so all arguments split it alike. The result (one array) is split by `out_axes`, names
+    taken from `in_axes`."""
+    mesh = current_mesh()
+    if mesh is None or mesh.size == 1:
+        return fn
+
+    def run(*args):
+        split: dict[str, Any] = {}
+        for axes, a in zip(in_axes, args, strict=True):
+            for name, size in zip(axes, a.shape, strict=True):
+                if name is None:
+                    continue
+                (target,) = logical_to_spec((name,), mesh=mesh)
+                names = () if target is None else (target,) if isinstance(target, str) else target
+                divides = size % int(np.prod([mesh.shape[t] for t in names])) == 0
+                split[name] = target if divides and split.get(name, target) == target else None
+
+        def spec(axes):
+            return PartitionSpec(*(None if name is None else split[name] for name in axes))
+
+        return jax.shard_map(
+            fn,
+            mesh=mesh,
+            in_specs=tuple(spec(axes) for axes in in_axes),
+            out_specs=spec(out_axes),
+            check_vma=False,
+        )(*args)
+
+    return run
+
+
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 

@@ -12,6 +12,11 @@ with the square of the whole sequence. The backward pass recomputes the visited 
 the saved log-sum-exp, so training keeps no score block at all. Segment ids must be
 non-decreasing along the sequence apart from zeros (padding), which holds for every layout the
 project builds.
+
+On TPU, self-attention over a whole sequence (training and prefill without a cache: default
+positions, as many keys as queries) whose length the kernel's blocks divide runs JAX's splash
+attention Pallas kernel (`splash_attention`) instead, chosen by the platform the step is compiled
+for, so an ahead-of-time compile for a TPU topology from a CPU host gets the kernel too.
 """
 
 from __future__ import annotations
@@ -21,9 +26,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from qwenvl_jax.sharding import map_shards
 
 DENSE_MAX = 1024  # query and key lengths up to this take the single dense pass
 BLOCK = 512
+SPLASH_BLOCKS = (512, 256, 128)  # splash attention blocks, largest first (128-lane multiples)
 
 
 def dot_product_attention(
@@ -52,6 +62,13 @@ def dot_product_attention(
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
+    splash_fits = (
+        q_positions is None
+        and kv_positions is None
+        and T == S
+        and softmax_in_fp32  # the kernel's softmax is float32
+        and _splash_block(T) is not None
+    )
     block = BLOCK if block is None else block
     dense_max = DENSE_MAX if dense_max is None else dense_max
     if causal:
@@ -62,13 +79,89 @@ def dot_product_attention(
     else:
         q_positions = jnp.zeros((B, T), jnp.int32)
         kv_positions = jnp.zeros((B, S), jnp.int32)
-    qg = q.reshape(B, T, K, H // K, D)
-    args = (qg, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale)
-    if max(T, S) <= dense_max:
-        out = _dense(*args, softmax_in_fp32)
-    else:
-        out = _blocked(*args, block)
-    return out.reshape(B, T, H, D)
+
+    def xla(q, k, v, q_segment_ids, kv_segment_ids):
+        qg = q.reshape(B, T, K, H // K, D)
+        args = (qg, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale)
+        if max(T, S) <= dense_max:
+            out = _dense(*args, softmax_in_fp32)
+        else:
+            out = _blocked(*args, block)
+        return out.reshape(B, T, H, D)
+
+    operands = (q, k, v, q_segment_ids, kv_segment_ids)
+    if not splash_fits:
+        return xla(*operands)
+    tpu = functools.partial(splash_attention, causal=causal, scale=scale)
+    return jax.lax.platform_dependent(*operands, tpu=tpu, default=xla)
+
+
+def _splash_block(length: int) -> int | None:
+    """splash attention's block for a sequence of `length`: the largest of SPLASH_BLOCKS that
+    divides it, None if none does (the kernel needs whole blocks of 128-lane multiples)."""
+    return next((b for b in SPLASH_BLOCKS if length % b == 0), None)
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    *,
+    causal: bool,
+    scale: float,
+    block: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """`dot_product_attention` of a whole sequence (default positions, T == S) by JAX's splash
+    attention TPU kernel (its own custom VJP for the gradients); `interpret` runs it in Pallas
+    interpret mode (any backend). Shapes as there; `block` (default: the largest of SPLASH_BLOCKS
+    dividing T) must divide T.
+
+    The kernel attends within equal segment ids, so padding (id 0) attends padding where the
+    other path attends nothing: the outputs at live queries, and every gradient when the
+    padding's outputs get no gradient (as when the loss ignores them), are the same. The scale
+    is applied to q (the kernel takes it pre-scaled). Under a mesh each device runs the kernel
+    on its rows (split as the batch) and heads; key/value heads split with the query heads, so
+    that each device keeps its query heads' groups.
+    """
+    heads = ("batch", None, "act_heads", None)
+    run = map_shards(
+        functools.partial(_splash, causal=causal, scale=scale, block=block, interpret=interpret),
+        in_axes=(heads, heads, heads, ("batch", None), ("batch", None)),
+        out_axes=heads,
+    )
+    return run(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _splash(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, block, interpret):
+    """`splash_attention` on one device."""
+    B, T, H, D = q.shape
+    block = _splash_block(T) if block is None else block
+    mask = splash_mask.CausalMask((T, T)) if causal else splash_mask.FullMask((T, T))
+    kernel = splash.make_splash_mha(
+        splash_mask.MultiHeadMask([mask] * H),
+        block_sizes=splash.BlockSizes(
+            block_q=block,
+            block_kv=block,
+            block_kv_compute=block,
+            block_q_dkv=block,
+            block_kv_dkv=block,
+            block_kv_dkv_compute=block,
+            block_q_dq=block,
+            block_kv_dq=block,
+        ),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )  # grouped-query heads: query head h reads key/value head h // (H / K)
+    heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [B, heads, T, D]
+    segments = splash.SegmentIds(q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+    out = jax.vmap(kernel)(
+        heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), segments
+    )
+    return heads_first(out)
 
 
 def _mask(qseg, kseg, qpos, kpos, causal):

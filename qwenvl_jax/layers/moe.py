@@ -1,20 +1,24 @@
 """Sparse mixture of experts (Qwen3-VL-MoE): float32 router softmax, top-k, renormalised, with the
 experts computed as grouped matmuls over the token copies sorted by expert, dropless: on CPU a
-loop of tile-by-expert matmuls (`experts_tiled`), elsewhere `jax.lax.ragged_dot`
-(`experts_ragged`), chosen by the platform the step is compiled for."""
+loop of tile-by-expert matmuls (`experts_tiled`), on TPU the megablox grouped-matmul kernels
+(`experts_gmm`), elsewhere `jax.lax.ragged_dot` (`experts_ragged`), chosen by the platform the
+step is compiled for (so an ahead-of-time compile for a TPU topology from a CPU host gets the
+kernels)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
 from qwenvl_jax.layers.linear import Linear
 from qwenvl_jax.layers.mlp import ACTIVATIONS
-from qwenvl_jax.sharding import normal, param
+from qwenvl_jax.sharding import map_shards, normal, param
 
 
 class SparseMoE(nnx.Module):
@@ -75,10 +79,28 @@ class SparseMoE(nnx.Module):
             w_gate_up,
             w_down,
             cpu=functools.partial(experts_tiled, act=self.act),
+            tpu=functools.partial(experts_gmm, act=self.act),
             default=functools.partial(experts_ragged, act=self.act),
         )  # [N, k, D]: each token's output from each of its experts
         out = jnp.sum(y * weights[..., None], axis=1)
         return out.reshape(B, T, D), logits
+
+
+def _by_expert(
+    x: jax.Array, experts: jax.Array, num_experts: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The token copies sorted by expert: (copies float[N*k, D], order int[N*k] (copy i of the
+    sorted rows is flat copy order[i], i.e. token order[i] // k), group_sizes int32[E])."""
+    k = experts.shape[1]
+    flat_experts = experts.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat_experts, stable=True)
+    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+    return x[order // k], order, group_sizes
+
+
+def _unsort(y: jax.Array, order: jax.Array, experts: jax.Array) -> jax.Array:
+    """float[N*k, D] rows sorted by expert -> float[N, k, D] in routing order."""
+    return jnp.zeros_like(y).at[order].set(y).reshape(*experts.shape, -1)
 
 
 def experts_ragged(
@@ -89,16 +111,89 @@ def experts_ragged(
     x: float[N, D]; experts: int[N, k]; w_gate_up: float[E, D, 2I]; w_down: float[E, I, D]
     -> float[N, k, D], the output of expert experts[n, j] on token n.
     """
-    N, k = experts.shape
-    flat_experts = experts.reshape(-1)  # [N*k]
-    order = jnp.argsort(flat_experts, stable=True)
-    tokens = x[order // k]  # [N*k, D], grouped by expert
-    group_sizes = jnp.bincount(flat_experts, length=w_gate_up.shape[0]).astype(jnp.int32)
+    tokens, order, group_sizes = _by_expert(x, experts, w_gate_up.shape[0])
     h = jax.lax.ragged_dot(tokens, w_gate_up, group_sizes)
     gate, up = jnp.split(h, 2, axis=-1)
     h = ACTIVATIONS[act](gate) * up
     y = jax.lax.ragged_dot(h, w_down, group_sizes)
-    return jnp.zeros_like(y).at[order].set(y).reshape(N, k, -1)
+    return _unsort(y, order, experts)
+
+
+GMM_ROWS = 128  # megablox's default row tile (rows of one group at a time)
+
+
+def _gmm_block(size: int) -> int | None:
+    """The block of a feature dimension: a multiple of the 128 lanes that divides it, else the
+    whole dimension while small (a block must be one or the other); None for a large dimension
+    of neither kind, whose whole-dimension blocks could overflow the kernel's VMEM buffers."""
+    for block in (512, 256, 128):
+        if size % block == 0:
+            return block
+    return size if size <= 512 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _GmmTiling:
+    """megablox tiling (tm, tk, tn) for an (m, k, n) product. A function of the shape because the
+    kernel's backward reuses the tiling for the transposed products (k and n swapped)."""
+
+    rows: int
+
+    def __call__(self, m: int, k: int, n: int) -> tuple[int, int, int]:
+        return self.rows, _gmm_block(k), _gmm_block(n)
+
+
+def experts_gmm(
+    x: jax.Array,
+    experts: jax.Array,
+    w_gate_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    act: str,
+    interpret: bool = False,
+) -> jax.Array:
+    """The experts as megablox grouped matmuls (`gmm`, TPU Pallas kernels; the gradients through
+    its custom VJP: `gmm` for the inputs, `tgmm` for the expert weights): the same result as
+    `experts_ragged`. `interpret` runs the kernels in Pallas interpret mode (any backend).
+
+    Under a mesh each device runs the kernels on its own tokens (split as the batch) with every
+    expert's weights whole (gathered, as a dense layer's are under FSDP; their gradient summed
+    over the devices). Feature sizes the kernel cannot tile, or dtypes it does not take, use
+    `experts_ragged`.
+    """
+    D, I2 = w_gate_up.shape[1:]
+    fits = all(_gmm_block(size) is not None for size in (D, I2, I2 // 2))
+    if not fits or x.dtype not in (jnp.float32, jnp.bfloat16):
+        return experts_ragged(x, experts, w_gate_up, w_down, act=act)
+    run = map_shards(
+        functools.partial(_experts_gmm, act=act, interpret=interpret),
+        in_axes=(("batch", None), ("batch", None), (None, None, None), (None, None, None)),
+        out_axes=("batch", None, None),
+    )
+    return run(x, experts, w_gate_up, w_down)
+
+
+def _experts_gmm(x, experts, w_gate_up, w_down, *, act, interpret):
+    """`experts_gmm` on one device. The kernel takes a row count that its row tile divides: the
+    sorted copies are padded with zero rows counted into the last expert's group, which adds
+    exact zeros to its weight gradient (and a zero row's output is dropped)."""
+    N, k = experts.shape
+    M = N * k
+    # a few copies (decoding) take one tile of their own size, in whole bf16 sublane tiles (16)
+    rows = min(GMM_ROWS, -(-M // 16) * 16)
+    padded = -(-M // rows) * rows
+    tokens, order, group_sizes = _by_expert(x, experts, w_gate_up.shape[0])
+    tokens = jnp.pad(tokens, ((0, padded - M), (0, 0)))
+    group_sizes = group_sizes.at[-1].add(padded - M)
+    tiling = _GmmTiling(rows)
+
+    def gmm(lhs, rhs):  # positional: the custom VJP's static arguments are by position
+        return megablox.gmm(lhs, rhs, group_sizes, x.dtype, tiling, None, None, False, interpret)
+
+    h = gmm(tokens, w_gate_up)
+    gate, up = jnp.split(h, 2, axis=-1)
+    y = gmm(ACTIVATIONS[act](gate) * up, w_down)
+    return _unsort(y[:M], order, experts)
 
 
 def experts_tiled(
