@@ -87,6 +87,8 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x, angles, segment_ids, slots, layer_cache, cache_segment_ids, cache_index):
+        """slots: int[B, T] cache slots / causal positions, or None for 0..T-1 without a cache
+        (the whole-sequence case the TPU attention kernel takes)."""
         cfg = self.cfg
         B, T, _ = x.shape
         hd = cfg.head_dim
@@ -99,7 +101,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, angles, in_fp32=in_fp32)
         k = apply_rope(k, angles, in_fp32=in_fp32)
         if cfg.use_logn_attn:
-            p = slots.astype(jnp.float32) + 1
+            at = jnp.broadcast_to(jnp.arange(T), (B, T)) if slots is None else slots
+            p = at.astype(jnp.float32) + 1
             scale = jnp.where(p > cfg.seq_length, jnp.log(p) / math.log(cfg.seq_length), 1.0)
             q = q * scale[:, :, None, None].astype(q.dtype)
         q = shard(q, ("batch", "length", "act_heads", None))
@@ -249,7 +252,7 @@ class TextModel(nnx.Module):
         x = shard(embeds.astype(self.dtype), ("batch", "length", "act_embed"))
         angles = self.rope(position_ids, ntk_alpha)
         start = 0 if cache_index is None else cache_index
-        if slots is None:
+        if slots is None and cache is not None:
             slots = jnp.broadcast_to(start + jnp.arange(T), (B, T))
         cache_seg = None
         if cache is not None:
