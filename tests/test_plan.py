@@ -181,3 +181,25 @@ def test_the_tpu_compilers_out_of_memory_refusal_is_read_as_the_answer():
     )
     assert plan_mod._out_of_memory(message) == int(3.20 * 2**40)
     assert plan_mod._out_of_memory("INTERNAL: something else") is None
+
+
+def test_hlo_reader_takes_instructions_over_several_lines_and_kernel_costs():
+    """TPU HLO writes kernel metadata over several lines (one of them starting with '}}'): the
+    reader keeps reading the computation, and counts a Pallas kernel's declared FLOPs."""
+    text = "\n".join(
+        [
+            "ENTRY %main (p0: f32[8,16], p1: f32[16,4]) -> f32[8,4] {",
+            "  %p0 = f32[8,16]{1,0} parameter(0)",
+            "  %p1 = f32[16,4]{1,0} parameter(1)",
+            '  %k = f32[8,16]{1,0} custom-call(%p0), custom_call_target="tpu_custom_call", '
+            "frontend_attributes={kernel_metadata={",
+            '"xprof_metadata":"{}"',
+            '}}, backend_config={"cost_estimate":{"flops":"1000","transcendentals":"0"}}',
+            "  ROOT %d = f32[8,4]{1,0} dot(%k, %p1), lhs_contracting_dims={1}, "
+            "rhs_contracting_dims={0}",
+            "}",
+        ]
+    )
+    flops = hlo_matmul_flops(text)
+    assert flops["once"] == flops["with_trips"] == 2 * 8 * 16 * 4
+    assert flops["kernels"] == 1000

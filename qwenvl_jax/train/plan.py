@@ -189,6 +189,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _OP = re.compile(r"^([\w\-]+)\((.*)$")
 _CALLED = re.compile(r"(?:calls|body|to_apply|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_KERNEL_FLOPS = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
 _SHAPE = re.compile(r"^[a-z]\w*\[([\d,]*)\]$")
 
 
@@ -223,27 +224,42 @@ def _split_instruction(text: str) -> tuple[str, str, str] | None:
 
 
 def _parse_hlo(text: str) -> tuple[dict[str, list[tuple]], str | None]:
-    """{computation: [(name, shape, op, rest)]}, and the entry computation's name."""
+    """{computation: [(name, shape, op, rest)]}, and the entry computation's name. An
+    instruction may run over several lines (kernel metadata in its attributes); a computation
+    ends at a line that is just '}'."""
     comps: dict[str, list[tuple]] = {}
     entry, current = None, None
+    pending: list[str] = []  # the instruction being read: name, then its text's lines
+
+    def flush() -> None:
+        if pending and current is not None:
+            parsed = _split_instruction(" ".join(pending[1:]))
+            if parsed:
+                comps[current].append((pending[0], *parsed))
+        pending.clear()
+
     for line in text.splitlines():
         m = _COMPUTATION.match(line)
         if m:
+            flush()
             current = m.group(1)
             comps[current] = []
             if line.startswith("ENTRY"):
                 entry = current
             continue
-        if line.startswith("}"):
+        if line.strip() == "}":
+            flush()
             current = None
             continue
         if current is None:
             continue
         m = _INSTRUCTION.match(line)
         if m:
-            parsed = _split_instruction(m.group(2))
-            if parsed:
-                comps[current].append((m.group(1), *parsed))
+            flush()
+            pending.extend(m.groups())
+        elif pending:
+            pending.append(line.strip())
+    flush()
     return comps, entry
 
 
@@ -284,16 +300,18 @@ def _trip_count(comps: dict[str, list[tuple]], condition: str, rest: str) -> int
 
 
 def hlo_matmul_flops(text: str) -> dict[str, float]:
-    """The matmul FLOPs (dots and convolutions) of a compiled module's HLO text, per device:
-    `once` counting each while body once (as XLA's cost analysis does), `with_trips` counting it
-    its trip count times; conditionals count their costliest branch. `unknown_loops`: loops whose
-    trip count could not be read (counted once)."""
+    """The matmul FLOPs of a compiled module's HLO text, per device: dots, ragged dots and
+    convolutions, `once` counting each while body once (as XLA's cost analysis does) and
+    `with_trips` counting it its trip count times; conditionals count their costliest branch.
+    `kernels`: the FLOPs that custom calls (Pallas kernels) declare in their cost estimates, with
+    trip counts (XLA's cost analysis leaves them out). `unknown_loops`: loops whose trip count
+    could not be read (counted once)."""
     comps, entry = _parse_hlo(text)
-    memo: dict[tuple[str, bool], float] = {}
+    memo: dict[tuple[str, bool, bool], float] = {}
     unknown: set[str] = set()
 
-    def cost(name: str, trips: bool) -> float:
-        key = (name, trips)
+    def cost(name: str, trips: bool, kernels: bool) -> float:
+        key = (name, trips, kernels)
         if key in memo:
             return memo[key]
         memo[key] = 0.0  # recursion guard
@@ -302,31 +320,38 @@ def hlo_matmul_flops(text: str) -> dict[str, float]:
         for inst, _, op, rest in comps.get(name, []):
             out = shapes.get(inst)
             args = _operands(rest)
-            if op == "dot" and out is not None and args:
+            if op in ("dot", "ragged-dot") and out is not None and args and not kernels:
                 total += _dot_flops(out, shapes.get(args[0]), rest)
-            elif op == "convolution" and out is not None and len(args) > 1:
+            elif op == "convolution" and out is not None and len(args) > 1 and not kernels:
                 total += _conv_flops(out, shapes.get(args[1]), rest)
-            elif op == "while":
+            elif op == "custom-call" and kernels:
+                m = _KERNEL_FLOPS.search(rest)
+                total += float(m.group(1)) if m else 0.0
+            if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
                 cond = re.search(r"condition=%?([\w.\-]+)", rest)
                 n = _trip_count(comps, cond.group(1), rest) if cond else None
                 if n is None:
                     unknown.add(inst)
-                inner = cost(body.group(1), trips) if body else 0.0
+                inner = cost(body.group(1), trips, kernels) if body else 0.0
                 total += inner * (n if trips and n is not None else 1)
             elif op == "conditional":
                 m = _BRANCHES.search(rest)
                 branches = [b.strip().lstrip("%") for b in m.group(1).split(",")] if m else []
-                total += max((cost(b, trips) for b in branches), default=0.0)
+                total += max((cost(b, trips, kernels) for b in branches), default=0.0)
             elif op in ("fusion", "call", "custom-call", "async-start"):
-                total += sum(cost(c, trips) for c in _CALLED.findall(rest))
+                total += sum(cost(c, trips, kernels) for c in _CALLED.findall(rest))
         memo[key] = total
         return total
 
     if entry is None:
-        return {"once": 0.0, "with_trips": 0.0, "unknown_loops": 0}
-    once, with_trips = cost(entry, False), cost(entry, True)
-    return {"once": once, "with_trips": with_trips, "unknown_loops": len(unknown)}
+        return {"once": 0.0, "with_trips": 0.0, "kernels": 0.0, "unknown_loops": 0}
+    return {
+        "once": cost(entry, False, False),
+        "with_trips": cost(entry, True, False),
+        "kernels": cost(entry, True, True),
+        "unknown_loops": len(unknown),
+    }
 
 
 _COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
@@ -362,8 +387,9 @@ def hlo_collectives(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- the plan
 
 
-def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
-    """Compile the run's train step for the topology and report memory, fit and speed."""
+def plan(cfg: TrainConfig, topology_name: str, hlo_path: str | None = None) -> dict[str, Any]:
+    """Compile the run's train step for the topology and report memory, fit and speed (and
+    write the compiled HLO text to `hlo_path`, when given)."""
     from qwenvl_jax.train.loop import batch_shards
 
     topo = topology(topology_name)
@@ -431,13 +457,17 @@ def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
     hlo = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo)
     flops = hlo_matmul_flops(hlo)
     scale = flops["with_trips"] / flops["once"] if flops["once"] else 1.0
+    kernels_s = flops["kernels"] / topo.peak_flops  # Pallas kernels, at peak: their own estimate
     if float(cost.get("optimal_seconds", -1)) > 0:  # the TPU compiler gives -2 when it has none
-        est = float(cost["optimal_seconds"]) * scale
+        est = float(cost["optimal_seconds"]) * scale + kernels_s
         source = "compiler"
     else:  # the host compiler gives no time: its FLOP count at the device's peak
-        est = float(cost.get("flops", 0.0)) * scale / topo.peak_flops
+        est = float(cost.get("flops", 0.0)) * scale / topo.peak_flops + kernels_s
         source = "compiler FLOPs / peak"
     model_flops = full_batch_flops(config, shapes)  # one micro-batch: one compiled step
     peak_all = topo.peak_flops * len(topo.devices)
@@ -449,6 +479,7 @@ def plan(cfg: TrainConfig, topology_name: str) -> dict[str, Any]:
         "compile_s": compile_s,
         "compiler_flops_per_chip": float(cost.get("flops", 0.0)),
         "hlo_matmul_flops_per_chip": flops["with_trips"],
+        "kernel_flops_per_chip": flops["kernels"],
         "loop_scale": scale,
         "unknown_loops": flops["unknown_loops"],
         "est_step_s": est,
