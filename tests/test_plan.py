@@ -195,6 +195,10 @@ def test_hlo_reader_takes_instructions_over_several_lines_and_kernel_costs():
             "frontend_attributes={kernel_metadata={",
             '"xprof_metadata":"{}"',
             '}}, backend_config={"cost_estimate":{"flops":"1000","transcendentals":"0"}}',
+            "  %q = bf16[2,128,16]{2,1,0} parameter(2)",
+            "  %kv = bf16[1,128,16]{2,1,0} parameter(3)",
+            "  %splash_mha_fwd_segmented.3 = bf16[2,128,16]{2,1,0} custom-call(%p0, %p0, %q, %kv, "
+            '%kv), custom_call_target="tpu_custom_call"',
             "  ROOT %d = f32[8,4]{1,0} dot(%k, %p1), lhs_contracting_dims={1}, "
             "rhs_contracting_dims={0}",
             "}",
@@ -202,4 +206,5 @@ def test_hlo_reader_takes_instructions_over_several_lines_and_kernel_costs():
     )
     flops = hlo_matmul_flops(text)
     assert flops["once"] == flops["with_trips"] == 2 * 8 * 16 * 4
-    assert flops["kernels"] == 1000
+    # the declared estimate, and splash attention's two matmuls per head over every block
+    assert flops["kernels"] == 1000 + 2 * 2 * 2 * 128 * 128 * 16

@@ -299,12 +299,28 @@ def _trip_count(comps: dict[str, list[tuple]], condition: str, rest: str) -> int
     return None
 
 
+# matmuls of T x S x head_dim per head in each splash attention kernel: the forward (scores,
+# values), dq (scores, dP, dQ) and dkv (scores, dP, dV, dK)
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def _splash_flops(name: str, q: list[int] | None, k: list[int] | None) -> float:
+    """A splash attention kernel's FLOPs from its q [H, T, D] and k [K, S, D] operands (it
+    declares no cost estimate), every block counted: an upper bound (masked blocks are
+    skipped)."""
+    kind = name.removeprefix("splash_mha_").split("_", 1)[0]
+    if q is None or k is None or len(q) != 3 or len(k) != 3 or kind not in _SPLASH_MATMULS:
+        return 0.0
+    return 2.0 * _SPLASH_MATMULS[kind] * q[0] * q[1] * k[1] * q[2]
+
+
 def hlo_matmul_flops(text: str) -> dict[str, float]:
     """The matmul FLOPs of a compiled module's HLO text, per device: dots, ragged dots and
     convolutions, `once` counting each while body once (as XLA's cost analysis does) and
     `with_trips` counting it its trip count times; conditionals count their costliest branch.
-    `kernels`: the FLOPs that custom calls (Pallas kernels) declare in their cost estimates, with
-    trip counts (XLA's cost analysis leaves them out). `unknown_loops`: loops whose trip count
+    `kernels`: the FLOPs that custom calls (Pallas kernels) declare in their cost estimates (for
+    splash attention, which declares none, its matmuls over all blocks), with trip counts (XLA's
+    cost analysis leaves kernels out). `unknown_loops`: loops whose trip count
     could not be read (counted once)."""
     comps, entry = _parse_hlo(text)
     memo: dict[tuple[str, bool, bool], float] = {}
@@ -326,7 +342,10 @@ def hlo_matmul_flops(text: str) -> dict[str, float]:
                 total += _conv_flops(out, shapes.get(args[1]), rest)
             elif op == "custom-call" and kernels:
                 m = _KERNEL_FLOPS.search(rest)
-                total += float(m.group(1)) if m else 0.0
+                if m:
+                    total += float(m.group(1))
+                elif inst.startswith("splash_mha_") and len(args) > 3:
+                    total += _splash_flops(inst, shapes.get(args[2]), shapes.get(args[3]))
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
                 cond = re.search(r"condition=%?([\w.\-]+)", rest)
