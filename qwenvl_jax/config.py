@@ -19,7 +19,15 @@ from typing import Any
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.resources import config_dir
 
-FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = (
+    "qwen_vl",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "qwen3_5",
+    "qwen3_5_moe",
+)
 _MODEL_TYPE_TO_FAMILY = {
     "qwen": "qwen_vl",
     "qwen_vl": "qwen_vl",
@@ -27,7 +35,10 @@ _MODEL_TYPE_TO_FAMILY = {
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen3_vl": "qwen3_vl",
     "qwen3_vl_moe": "qwen3_vl_moe",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5_moe",
 }
+LAYER_TYPES = ("full_attention", "linear_attention")
 PRESET_DIR = config_dir("models")
 
 # Fields that may be 0 (off); every other int field must be >= 1 and every float field > 0.
@@ -39,6 +50,13 @@ _MAY_BE_ZERO = {
     "num_position_embeddings",
     "tokens_per_second",
     "router_aux_loss_coef",
+    "shared_expert_intermediate_size",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+    "mtp_num_hidden_layers",
 }
 
 
@@ -87,6 +105,26 @@ class TextConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001
+    # Qwen3.5-MoE: a shared SwiGLU expert next to the routed ones, scaled per token by
+    # sigmoid(shared_expert_gate(x)); 0 = none.
+    shared_expert_intermediate_size: int = 0
+    # Hybrid decoders (Qwen3.5): the kind of each layer, "full_attention" or "linear_attention"
+    # (Gated DeltaNet); empty means every layer is full attention.
+    layer_types: tuple[str, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    # Rotary embedding on the first head_dim * partial_rotary_factor dimensions only.
+    partial_rotary_factor: float = 1.0
+    # Gated attention (Qwen3.5): q_proj gives per head [query | gate]; the attention output is
+    # multiplied by sigmoid(gate) before o_proj.
+    attn_output_gate: bool = False
+    # RMSNorm weights stored zero-centred (Qwen3.5): the scale is (1 + w), applied in float32.
+    norm_zero_centered: bool = False
+    # Multi-token-prediction layers the checkpoints carry (kept through conversion, not run).
+    mtp_num_hidden_layers: int = 0
     # Numerics that differ between the original Qwen-VL v1 code and transformers' Qwen2/3.
     rope_in_activation_dtype: bool = True  # cos/sin cast to the activation dtype (Qwen2/3)
     softmax_in_fp32: bool = True
@@ -105,6 +143,45 @@ class TextConfig:
             raise ConfigError(
                 f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}"
             )
+        if self.layer_types:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ConfigError(
+                    f"layer_types has {len(self.layer_types)} entries for "
+                    f"{self.num_hidden_layers} layers"
+                )
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ConfigError(f"unknown layer type {bad[0]!r} (use one of {LAYER_TYPES})")
+        if self.has_linear_layers:
+            heads = (self.linear_num_key_heads, self.linear_num_value_heads)
+            dims = (self.linear_key_head_dim, self.linear_value_head_dim)
+            if not all(heads + dims) or self.linear_conv_kernel_dim < 1:
+                raise ConfigError(
+                    "linear-attention layers need linear_num_key_heads, linear_num_value_heads, "
+                    "linear_key_head_dim, linear_value_head_dim and linear_conv_kernel_dim"
+                )
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise ConfigError(
+                    f"linear_num_value_heads {self.linear_num_value_heads} is not a multiple of "
+                    f"linear_num_key_heads {self.linear_num_key_heads}"
+                )
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise ConfigError(
+                f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and give "
+                f"an even number of rotary dimensions (head_dim {self.head_dim})"
+            )
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each head that rotate."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types else "full_attention"
+
+    @property
+    def has_linear_layers(self) -> bool:
+        return "linear_attention" in self.layer_types
 
     def is_moe_layer(self, i: int) -> bool:
         return (
@@ -305,19 +382,37 @@ def _from_hf_modern(hf: dict, family: str) -> ModelConfig:
     heads = tc["num_attention_heads"]
     head_dim = tc.get("head_dim") or tc["hidden_size"] // heads
     qwen3 = family.startswith("qwen3")
-    moe = family == "qwen3_vl_moe"
-    default_theta = 5e5 if qwen3 else 1e6
+    hybrid = family.startswith("qwen3_5")  # Gated DeltaNet + gated attention, (1 + w) norms
+    moe = family.endswith("_moe")
+    default_theta = 1e7 if hybrid else 5e5 if qwen3 else 1e6
+    default_section = (11, 11, 10) if hybrid else (24, 20, 20) if qwen3 else (16, 24, 24)
+    layer_types: tuple[str, ...] = ()
+    if hybrid:
+        layer_types = tuple(tc.get("layer_types") or ())
+        if not layer_types:
+            interval = tc.get("full_attention_interval", 4)
+            if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+                raise ConfigError(
+                    f"full_attention_interval must be a positive int, got {interval!r}"
+                )
+            layer_types = tuple(
+                "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                for i in range(tc["num_hidden_layers"])
+            )
+    moe_hidden = tc.get("moe_intermediate_size", 0) if moe else 0
+    shared_hidden = tc.get("shared_expert_intermediate_size", 512) if moe and hybrid else 0
     text = TextConfig(
         vocab_size=tc["vocab_size"],
         hidden_size=tc["hidden_size"],
-        intermediate_size=tc["intermediate_size"],
+        # Qwen3.5-MoE has no dense MLP; the field then only needs a positive value
+        intermediate_size=tc.get("intermediate_size") or shared_hidden or moe_hidden,
         num_hidden_layers=tc["num_hidden_layers"],
         num_attention_heads=heads,
         num_key_value_heads=tc.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         rms_norm_eps=tc.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta if theta is not None else default_theta),
-        mrope_section=tuple(rp.get("mrope_section") or ((24, 20, 20) if qwen3 else (16, 24, 24))),
+        mrope_section=tuple(rp.get("mrope_section") or default_section),
         mrope_interleaved=qwen3,
         attention_bias=bool(tc.get("attention_bias", not qwen3)),
         qk_norm=qwen3,
@@ -327,10 +422,23 @@ def _from_hf_modern(hf: dict, family: str) -> ModelConfig:
         max_position_embeddings=tc.get("max_position_embeddings", 32768),
         num_experts=(tc.get("num_experts") or tc.get("num_local_experts") or 0) if moe else 0,
         num_experts_per_tok=tc.get("num_experts_per_tok", 0) if moe else 0,
-        moe_intermediate_size=tc.get("moe_intermediate_size", 0) if moe else 0,
+        moe_intermediate_size=moe_hidden,
         decoder_sparse_step=tc.get("decoder_sparse_step", 1),
         mlp_only_layers=tuple(tc.get("mlp_only_layers") or ()),
         router_aux_loss_coef=tc.get("router_aux_loss_coef", 0.001),
+        shared_expert_intermediate_size=shared_hidden,
+        layer_types=layer_types,
+        linear_num_key_heads=tc.get("linear_num_key_heads", 16) if hybrid else 0,
+        linear_num_value_heads=tc.get("linear_num_value_heads", 32) if hybrid else 0,
+        linear_key_head_dim=tc.get("linear_key_head_dim", 128) if hybrid else 0,
+        linear_value_head_dim=tc.get("linear_value_head_dim", 128) if hybrid else 0,
+        linear_conv_kernel_dim=tc.get("linear_conv_kernel_dim", 4) if hybrid else 0,
+        partial_rotary_factor=float(
+            rp.get("partial_rotary_factor", tc.get("partial_rotary_factor", 0.25 if hybrid else 1))
+        ),
+        attn_output_gate=hybrid,
+        norm_zero_centered=hybrid,
+        mtp_num_hidden_layers=tc.get("mtp_num_hidden_layers", 0) if hybrid else 0,
     )
     kind = "qwen3_vl" if qwen3 else family
     if kind == "qwen2_vl":
@@ -367,11 +475,22 @@ def _from_hf_modern(hf: dict, family: str) -> ModelConfig:
         family=family,
         text=text,
         vision=vision,
-        image_token_id=hf.get("image_token_id", 151655),
-        video_token_id=hf.get("video_token_id", 151656),
-        vision_start_token_id=hf.get("vision_start_token_id", 151652),
-        vision_end_token_id=hf.get("vision_end_token_id", 151653),
+        **{k: hf.get(k, v) for k, v in (_HYBRID_IDS if hybrid else _QWEN_IDS).items()},
     )
+
+
+_QWEN_IDS = dict(
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)
+_HYBRID_IDS = dict(
+    image_token_id=248056,
+    video_token_id=248057,
+    vision_start_token_id=248053,
+    vision_end_token_id=248054,
+)
 
 
 def _vision_common(vc: dict) -> dict:

@@ -196,13 +196,17 @@ def from_pretrained(
     config = load_config(path)
     dtype = as_dtype(dtype)
     param_dtype = as_dtype(param_dtype) if param_dtype is not None else dtype
-    abs_model = build_model(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, abstract=True)
     if abstract:
-        return abs_model
+        return build_model(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, abstract=True)
     folder = Path(path)
     from qwenvl_jax.loading import orbax_io
+    from qwenvl_jax.models.mtp import fit_mtp
 
     if orbax_io.is_orbax_folder(folder):
+        config = fit_mtp(config, orbax_io.stored_params(folder))
+        abs_model = build_model(
+            config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, abstract=True
+        )
         return orbax_io.restore_model(folder, abs_model)
     from qwenvl_jax.loading.convert import open_weights, read_hf_config
     from qwenvl_jax.loading.mapping import mapping_for
@@ -210,6 +214,10 @@ def from_pretrained(
     # FP8 weights are dequantised on read (then cast to the parameter dtype), experts fused.
     reader = open_weights(folder, read_hf_config(folder), "float32")
     try:
+        config = fit_mtp(config, reader.keys())
+        abs_model = build_model(
+            config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, abstract=True
+        )
         return load_hf_weights(
             abs_model, reader, mapping_for(config), dtype=param_dtype, progress=progress
         )

@@ -66,6 +66,7 @@ _abstract_var: contextvars.ContextVar[bool] = contextvars.ContextVar("abstract",
 _rules_var: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("rules", default=None)
 _mesh_var: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
 _stack_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("stack", default=None)
+_kind_var: contextvars.ContextVar[type] = contextvars.ContextVar("kind", default=nnx.Param)
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1, devices=None) -> Mesh:
@@ -112,6 +113,17 @@ def stacked_params(n: int) -> Iterator[None]:
         yield
     finally:
         _stack_var.reset(token)
+
+
+@contextlib.contextmanager
+def param_kind(kind: type) -> Iterator[None]:
+    """Within this context `param` creates variables of type `kind` (an nnx.Variable subclass)
+    instead of nnx.Param."""
+    token = _kind_var.set(kind)
+    try:
+        yield
+    finally:
+        _kind_var.reset(token)
 
 
 def current_mesh() -> Mesh | None:
@@ -234,8 +246,9 @@ def param(
     n = _stack_var.get()
     if n is not None:
         shape, axes = (n, *shape), ("layers", *axes)
+    kind = _kind_var.get()
     if _abstract_var.get():
-        return nnx.Param(
+        return kind(
             jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)),
             sharding_axes=tuple(axes),
             eager_sharding=False,
@@ -245,7 +258,7 @@ def param(
         value = init(key, tuple(shape), dtype)
     else:
         value = jax.vmap(lambda k: init(k, tuple(shape[1:]), dtype))(jax.random.split(key, n))
-    return nnx.Param(value, sharding_axes=tuple(axes), eager_sharding=False)
+    return kind(value, sharding_axes=tuple(axes), eager_sharding=False)
 
 
 def normal(std: float = 0.02) -> Initializer:

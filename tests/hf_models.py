@@ -8,7 +8,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# Qwen3.5: a hybrid pattern that is not every fourth layer, more value heads than key heads.
+QWEN3_5_LAYERS = [
+    "linear_attention",
+    "full_attention",
+    "linear_attention",
+    "linear_attention",
+    "full_attention",
+]
 
 # Small vocabulary with the vision special tokens moved inside it.
 SMALL_VOCAB = dict(
@@ -85,6 +93,8 @@ def hf_config(family: str, *, vocab=SMALL_VOCAB, tie: bool = False, deepstack=(0
         return Qwen2_5_VLConfig(
             text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids
         )
+    if family.startswith("qwen3_5"):
+        return _qwen3_5_config(family, vocab, tie)
     moe = family == "qwen3_vl_moe"
     text = dict(
         vocab_size=vocab["vocab_size"],
@@ -132,10 +142,70 @@ def hf_config(family: str, *, vocab=SMALL_VOCAB, tie: bool = False, deepstack=(0
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
 
 
+def _qwen3_5_config(family: str, vocab, tie: bool):
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    ids = {k: v for k, v in vocab.items() if k != "vocab_size"}
+    moe = family == "qwen3_5_moe"
+    text = dict(
+        vocab_size=vocab["vocab_size"],
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=len(QWEN3_5_LAYERS),
+        layer_types=list(QWEN3_5_LAYERS),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e7,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+            "partial_rotary_factor": 0.25,
+        },
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie,
+        mtp_num_hidden_layers=1,
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=36,
+        in_channels=3,
+        hidden_act="gelu_pytorch_tanh",
+    )
+    if moe:
+        del text["intermediate_size"]
+        text.update(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,  # 2I != D: the fused experts' layout is unambiguous
+            shared_expert_intermediate_size=48,
+        )
+        return Qwen3_5MoeConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids
+        )
+    return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
+
+
 def hf_model(family: str, seed: int = 0, **kw):
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeForConditionalGeneration,
         Qwen3VLForConditionalGeneration,
         Qwen3VLMoeForConditionalGeneration,
     )
@@ -145,6 +215,8 @@ def hf_model(family: str, seed: int = 0, **kw):
         "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": Qwen3VLForConditionalGeneration,
         "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
+        "qwen3_5": Qwen3_5ForConditionalGeneration,
+        "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration,
     }[family]
     torch.manual_seed(seed)
     model = cls(hf_config(family, **kw)).eval().float()

@@ -11,6 +11,7 @@ from flax import nnx
 
 from qwenvl_jax.config import load_config
 from qwenvl_jax.modeling import build_model
+from qwenvl_jax.models.mtp import CarriedParam
 from qwenvl_jax.sharding import make_mesh
 from qwenvl_jax.train.config import from_dict, read_file, stage_config_path
 from qwenvl_jax.train.freeze import path_str
@@ -36,6 +37,7 @@ def param_paths_in(tree) -> set[str]:
 
 # (family, stage, batch rows, sequence length): Qwen-VL v1 images take 258 positions each
 CASES = [("qwen3_vl", 1, 2, 64), ("qwen2_5_vl", 3, 2, 64), ("qwen_vl", 3, 1, 288)]
+CASES += [("qwen3_5", 3, 2, 80), ("qwen3_5_moe", 1, 2, 80)]  # Qwen3.5: two delta-rule chunks
 
 
 @pytest.mark.parametrize("family, stage, rows, seq", CASES)
@@ -55,7 +57,8 @@ def test_frozen_parameters_stay_bit_identical(family, stage, rows, seq):
         }
     )
     model = build_model(cfg, mesh=mesh)
-    before = host_params(nnx.state(model, nnx.Param))
+    # Qwen3.5's multi-token-prediction weights are carried along untouched
+    before = host_params(nnx.state(model, nnx.Any(nnx.Param, CarriedParam)))
     trainer = Trainer(model, tc, mesh)
     frozen_paths = {p for p, train in trainer.mask.items() if not train}
     trainable_paths = set(trainer.mask) - frozen_paths
@@ -67,7 +70,9 @@ def test_frozen_parameters_stay_bit_identical(family, stage, rows, seq):
         assert np.isfinite(float(metrics["loss"]))
     after = {**host_params(state["params"]), **host_params(trainer.frozen)}
     assert set(after) == set(before)
-    for p in frozen_paths:
+    carried = set(before) - set(trainer.mask)
+    assert bool(carried) == (cfg.text.mtp_num_hidden_layers > 0)
+    for p in frozen_paths | carried:
         assert after[p].tobytes() == before[p].tobytes(), f"{p} changed"
     for p in trainable_paths:
         assert not np.array_equal(after[p], before[p]), f"{p} did not train"

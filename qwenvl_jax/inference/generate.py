@@ -148,7 +148,7 @@ def prefill_logits(
     B = input_ids.shape[0]
     dtype = getattr(model, "dtype", jnp.float32)
     empty = KVCache.empty(model.config.text, B, cache_len, dtype)
-    cache = KVCache(shard(empty.k, CACHE_AXES), shard(empty.v, CACHE_AXES), empty.segment_ids)
+    cache = empty._replace(k=shard(empty.k, CACHE_AXES), v=shard(empty.v, CACHE_AXES))
     kw = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
     logits, cache, _ = model.forward(
         input_ids,

@@ -1,9 +1,10 @@
-"""Sparse mixture of experts (Qwen3-VL-MoE): float32 router softmax, top-k, renormalised, with the
-experts computed as grouped matmuls over the token copies sorted by expert, dropless: on CPU a
-loop of tile-by-expert matmuls (`experts_tiled`), on TPU the megablox grouped-matmul kernels
-(`experts_gmm`), elsewhere `jax.lax.ragged_dot` (`experts_ragged`), chosen by the platform the
-step is compiled for (so an ahead-of-time compile for a TPU topology from a CPU host gets the
-kernels)."""
+"""Sparse mixture of experts (Qwen3-VL-MoE, Qwen3.5-MoE): float32 router softmax, top-k,
+renormalised, optionally plus a shared SwiGLU expert scaled per token by a sigmoid gate (Qwen3.5).
+The routed experts are computed as grouped matmuls over the token copies sorted by expert,
+dropless: on CPU a loop of tile-by-expert matmuls (`experts_tiled`), on TPU the megablox
+grouped-matmul kernels (`experts_gmm`), elsewhere `jax.lax.ragged_dot` (`experts_ragged`), chosen
+by the platform the step is compiled for (so an ahead-of-time compile for a TPU topology from a
+CPU host gets the kernels)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from flax import nnx
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
 from qwenvl_jax.layers.linear import Linear
-from qwenvl_jax.layers.mlp import ACTIVATIONS
+from qwenvl_jax.layers.mlp import ACTIVATIONS, GatedMLP
 from qwenvl_jax.sharding import map_shards, normal, param
 
 
@@ -30,6 +31,7 @@ class SparseMoE(nnx.Module):
         top_k: int,
         *,
         act: str = "silu",
+        shared_hidden: int = 0,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs | None,
@@ -62,6 +64,12 @@ class SparseMoE(nnx.Module):
             param_dtype,
             ("experts", "expert_mlp", "expert_embed"),
         )
+        if shared_hidden:
+            kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.shared_expert = GatedMLP(dim, shared_hidden, act=act, **kw)
+            self.shared_expert_gate = Linear(dim, 1, axes=("embed", None), **kw)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: float[B, T, D] -> (float[B, T, D], router logits float[B*T, E])."""
@@ -83,6 +91,9 @@ class SparseMoE(nnx.Module):
             default=functools.partial(experts_ragged, act=self.act),
         )  # [N, k, D]: each token's output from each of its experts
         out = jnp.sum(y * weights[..., None], axis=1)
+        if self.shared_expert is not None:
+            gate = jax.nn.sigmoid(self.shared_expert_gate(flat))
+            out = out + gate * self.shared_expert(flat)
         return out.reshape(B, T, D), logits
 
 

@@ -12,7 +12,10 @@ from qwenvl_jax.sharding import ones, param, zeros
 
 
 class RMSNorm(nnx.Module):
-    """`w * (x_f32 * rsqrt(mean(x^2) + eps)).astype(x.dtype)`: the cast comes before the weight."""
+    """`w * (x_f32 * rsqrt(mean(x^2) + eps)).astype(x.dtype)`: the cast comes before the weight.
+
+    `zero_centered` (Qwen3.5): the weight is stored as w - 1 (initialised to zero) and the scale
+    `(1 + w)` is applied in float32, before the cast."""
 
     def __init__(
         self,
@@ -21,14 +24,18 @@ class RMSNorm(nnx.Module):
         eps: float = 1e-6,
         axes=("norm",),
         param_dtype: Any = jnp.float32,
+        zero_centered: bool = False,
         rngs: nnx.Rngs | None = None,
     ):
         self.eps = eps
-        self.weight = param(rngs, ones, (dim,), param_dtype, axes)
+        self.zero_centered = zero_centered
+        self.weight = param(rngs, zeros if zero_centered else ones, (dim,), param_dtype, axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.zero_centered:
+            return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
 
 

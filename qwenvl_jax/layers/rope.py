@@ -47,8 +47,14 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, angles: jax.Array, *, in_fp32: bool) -> jax.Array:
-    """x: float[B, T, H, D]; angles: float32[B, T, D/2]. `in_fp32` rotates in float32 and casts back
-    (the ViTs, Qwen-VL v1); otherwise cos/sin are cast to x.dtype first (the Qwen2/3 decoders)."""
+    """x: float[B, T, H, D]; angles: float32[B, T, R/2] with R <= D: the first R dimensions of each
+    head rotate (partial rotary, Qwen3.5), the rest pass through. `in_fp32` rotates in float32 and
+    casts back (the ViTs, Qwen-VL v1); otherwise cos/sin are cast to x.dtype first (the Qwen2/3
+    decoders)."""
+    rot = 2 * angles.shape[-1]
+    if rot < x.shape[-1]:
+        rotated = apply_rope(x[..., :rot], angles, in_fp32=in_fp32)
+        return jnp.concatenate([rotated, x[..., rot:]], axis=-1)
     emb = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     if in_fp32:

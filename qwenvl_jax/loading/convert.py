@@ -32,12 +32,13 @@ import numpy as np
 from qwenvl_jax.config import ModelConfig, from_hf
 from qwenvl_jax.errors import CheckpointError, ConfigError, InputError
 from qwenvl_jax.loading import orbax_io
-from qwenvl_jax.loading.experts import fuse_experts
+from qwenvl_jax.loading.experts import FusedExpertsReader, fuse_experts, split_experts
 from qwenvl_jax.loading.fp8 import Fp8DequantReader, as_dtype
 from qwenvl_jax.loading.mapping import Mapping as WeightMapping
 from qwenvl_jax.loading.mapping import mapping_for
 from qwenvl_jax.loading.reader import TensorReader, open_checkpoint
 from qwenvl_jax.loading.writer import write_safetensors
+from qwenvl_jax.models.mtp import fit_mtp
 
 logger = logging.getLogger(__name__)
 
@@ -328,9 +329,10 @@ def hf_to_orbax(
     hf_config = read_hf_config(src)
     config = from_hf(hf_config)
     dtype = check_dtype(dtype or checkpoint_dtype(hf_config))
-    abstract = _abstract_params(config, dtype, mesh)
-    mapping = mapping_for(config)
     with open_weights(src, hf_config, dtype) as reader:
+        config = fit_mtp(config, reader.keys())
+        abstract = _abstract_params(config, dtype, mesh)
+        mapping = mapping_for(config)
         plan = plan_import(
             reader, mapping, abstract, tied=getattr(config.text, "tie_word_embeddings", False)
         )
@@ -344,6 +346,7 @@ def hf_to_orbax(
         layout = getattr(reader, "layout", None) or getattr(
             getattr(reader, "reader", None), "layout", None
         )
+        split = isinstance(reader, FusedExpertsReader)  # experts stored one by one
     if jax.process_index() == 0:
         copy_side_files(src, dst)
     _write_json(dst / "config.json", export_config(hf_config, dtype))
@@ -355,6 +358,7 @@ def hf_to_orbax(
             "layout": layout,
             "fp8": fp8_quantization(hf_config) is not None,
             "shapes": source_shapes,
+            "experts_per_expert": split,
         },
     )
     nbytes = sum(int(np.prod(s)) * np.dtype(as_dtype(d)).itemsize for s, d in written.values())
@@ -468,20 +472,25 @@ def orbax_to_hf(
         )
     config = from_hf(hf_config)
     dtype = check_dtype(dtype or marker.get("dtype") or "bfloat16")
-    abstract = _abstract_params(config, dtype, None)
     stored = orbax_io.stored_params(src)
+    config = fit_mtp(config, stored)
+    abstract = _abstract_params(config, dtype, None)
     orbax_io.check_stored(src, abstract, stored, expected_by=config.family)
     extra = sorted(set(stored) - set(abstract))
     if extra:
         raise CheckpointError(f"{src}: stored parameter {extra[0]} is not part of {config.family}")
     mapping = mapping_for(config)
-    source_shapes = (marker.get("source") or {}).get("shapes") or {}
+    source = marker.get("source") or {}
+    source_shapes = source.get("shapes") or {}
+    # a source that stored experts one by one gets them back that way
+    per_expert = split_experts if source.get("experts_per_expert") else lambda k, a: [(k, a)]
     # Run the export on stand-ins first: the plan of names and shapes (safetensors headers go
     # first), and the order it reads parameters in, to read them ahead in that order.
     recorder = _Recorder(abstract, dtype)
     plan = [
-        (key, _source_layout(key, a, source_shapes).shape, dtype)
+        (name, part.shape, dtype)
         for key, a in mapping.export_tensors(recorder)
+        for name, part in per_expert(key, _source_layout(key, a, source_shapes))
     ]
     order = list(dict.fromkeys([*recorder.order, *abstract]))
     total = sum(int(np.prod(s)) * as_dtype(dtype).itemsize for _, s, _ in plan)
@@ -494,7 +503,8 @@ def orbax_to_hf(
                 a = np.asarray(_source_layout(key, a, source_shapes)).astype(
                     as_dtype(dtype), copy=False
                 )
-                yield key, a
+                for name, part in per_expert(key, a):
+                    yield name, np.ascontiguousarray(part)
                 bar.update(a.nbytes)
 
     dst.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -92,6 +93,27 @@ class FusedExpertsReader(TensorReader):
 
     def close(self) -> None:
         self.reader.close()
+
+
+_FUSED = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def split_experts(key: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """The inverse of `FusedExpertsReader`: a fused expert tensor in transformers' layout
+    ((E, 2I, H) gate rows first, or (E, H, I)) as one 2-D weight per expert; any other tensor
+    as it is."""
+    m = _FUSED.match(key)
+    if m is None:
+        yield key, array
+        return
+    prefix = m["prefix"]
+    for e in range(array.shape[0]):
+        if m["kind"] == "gate_up_proj":
+            half = array.shape[1] // 2
+            yield f"{prefix}.{e}.gate_proj.weight", array[e, :half]
+            yield f"{prefix}.{e}.up_proj.weight", array[e, half:]
+        else:
+            yield f"{prefix}.{e}.down_proj.weight", array[e]
 
 
 def fuse_experts(reader: TensorReader) -> TensorReader:

@@ -10,13 +10,14 @@ writes the names of the family's hub checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from qwenvl_jax.config import ModelConfig
+from qwenvl_jax.config import ModelConfig, TextConfig
 from qwenvl_jax.errors import CheckpointError
 
 _LEAF = {"weight": "weight", "bias": "bias"}
@@ -47,7 +48,39 @@ NORM = {"weight": "weight", "bias": "bias"}
 EMBED = {"weight": "embedding"}
 
 
-def _modern_rules(family: str) -> list[Rule]:
+def _layer_rules(hf: str, ours: str, text: TextConfig) -> list[Rule]:
+    """The rules of a decoder layer's tensors, `hf` and `ours` being the layer's prefixes (with
+    `{i}`): attention (full, or Gated DeltaNet where the config has linear layers), norms, and
+    the dense or sparse MLP (with a shared expert where the config has one)."""
+
+    def rule(name: str, leaf: dict | None, param: bool = True) -> Rule:
+        tail = ".{p}" if param else ""
+        return Rule(f"{hf}.{name}{tail}", f"{ours}.{name}{tail}", leaf)
+
+    rules = [rule(n, NORM) for n in ("input_layernorm", "post_attention_layernorm")]
+    rules += [rule(f"self_attn.{n}", LINEAR) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    rules += [rule(f"self_attn.{n}", NORM) for n in ("q_norm", "k_norm")]
+    rules += [rule(f"mlp.{n}", LINEAR) for n in ("gate_proj", "up_proj", "down_proj")]
+    if text.has_linear_layers:
+        names = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "conv1d")
+        rules += [rule(f"linear_attn.{n}", LINEAR) for n in names]
+        rules += [rule("linear_attn.norm", NORM)]
+        rules += [rule(f"linear_attn.{n}", {}, param=False) for n in ("dt_bias", "A_log")]
+    if text.num_experts:
+        rules += [
+            rule("mlp.gate", LINEAR),
+            Rule(f"{hf}.mlp.experts.gate_up_proj", f"{ours}.mlp.gate_up_proj", {}),
+            Rule(f"{hf}.mlp.experts.down_proj", f"{ours}.mlp.down_proj", {}),
+        ]
+    if text.shared_expert_intermediate_size:
+        names = ("gate_proj", "up_proj", "down_proj")
+        rules += [rule(f"mlp.shared_expert.{n}", LINEAR) for n in names]
+        rules += [rule("mlp.shared_expert_gate", LINEAR)]
+    return rules
+
+
+def _modern_rules(config: ModelConfig) -> list[Rule]:
+    family, text = config.family, config.text
     V, L = "model.visual", "model.language_model"
     rules = [
         Rule(f"{V}.patch_embed.proj.{{p}}", "visual.patch_embed.{p}", LINEAR),
@@ -60,50 +93,14 @@ def _modern_rules(family: str) -> list[Rule]:
         Rule(f"{L}.norm.{{p}}", "language_model.norm.{p}", NORM),
         Rule("lm_head.{p}", "lm_head.{p}", LINEAR),
     ]
-    for n in ("input_layernorm", "post_attention_layernorm"):
-        rules.append(
-            Rule(f"{L}.layers.{{i}}.{n}.{{p}}", f"language_model.layers.{{i}}.{n}.{{p}}", NORM)
-        )
-    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        rules.append(
-            Rule(
-                f"{L}.layers.{{i}}.self_attn.{n}.{{p}}",
-                f"language_model.layers.{{i}}.self_attn.{n}.{{p}}",
-                LINEAR,
-            )
-        )
-    for n in ("q_norm", "k_norm"):
-        rules.append(
-            Rule(
-                f"{L}.layers.{{i}}.self_attn.{n}.{{p}}",
-                f"language_model.layers.{{i}}.self_attn.{n}.{{p}}",
-                NORM,
-            )
-        )
-    for n in ("gate_proj", "up_proj", "down_proj"):
-        rules.append(
-            Rule(
-                f"{L}.layers.{{i}}.mlp.{n}.{{p}}",
-                f"language_model.layers.{{i}}.mlp.{n}.{{p}}",
-                LINEAR,
-            )
-        )
-    if family == "qwen3_vl_moe":
-        rules += [
-            Rule(
-                f"{L}.layers.{{i}}.mlp.gate.{{p}}", "language_model.layers.{i}.mlp.gate.{p}", LINEAR
-            ),
-            Rule(
-                f"{L}.layers.{{i}}.mlp.experts.gate_up_proj",
-                "language_model.layers.{i}.mlp.gate_up_proj",
-                {},
-            ),
-            Rule(
-                f"{L}.layers.{{i}}.mlp.experts.down_proj",
-                "language_model.layers.{i}.mlp.down_proj",
-                {},
-            ),
-        ]
+    rules += _layer_rules(f"{L}.layers.{{i}}", "language_model.layers.{i}", text)
+    if text.mtp_num_hidden_layers:
+        # Multi-token prediction (Qwen3.5): full-attention layers, stored as they are named.
+        mtp_text = dataclasses.replace(text, layer_types=())
+        rules += [Rule("mtp.fc.{p}", "mtp.fc.{p}", LINEAR)]
+        for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            rules.append(Rule(f"mtp.{n}.{{p}}", f"mtp.{n}.{{p}}", NORM))
+        rules += _layer_rules("mtp.layers.{i}", "mtp.layers.{i}", mtp_text)
     if family == "qwen2_vl":
         rules += [
             Rule(f"{V}.blocks.{{i}}.mlp.fc1.{{p}}", "visual.blocks.{i}.mlp.fc1.{p}", LINEAR),
@@ -186,7 +183,7 @@ class RegexMapping(Mapping):
     def __init__(self, config: ModelConfig):
         self.family = config.family
         self.hub_legacy_names = self.family in ("qwen2_vl", "qwen2_5_vl")
-        self.rules = _compile(_modern_rules(self.family))
+        self.rules = _compile(_modern_rules(config))
         v = config.vision
         self.conv_shape = (
             v.hidden_size,
@@ -262,6 +259,8 @@ class RegexMapping(Mapping):
                     out = array.T
                     if path == "visual.patch_embed.kernel":
                         out = out.reshape(self.conv_shape)
+                    elif path.endswith("linear_attn.conv1d.kernel"):
+                        out = out[:, None, :]  # depthwise Conv1d weight [C, 1, K]
                 yield self.hub_name(key), out
                 break
             else:

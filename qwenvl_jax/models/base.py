@@ -14,6 +14,7 @@ from flax import nnx
 
 from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.layers.linear import Linear
+from qwenvl_jax.models.mtp import MultiTokenPredictor
 from qwenvl_jax.models.text import KVCache, TextModel
 from qwenvl_jax.sharding import shard
 
@@ -40,6 +41,8 @@ class VisionLanguageModel(nnx.Module):
             if t.tie_word_embeddings
             else Linear(t.hidden_size, t.vocab_size, axes=("embed", "vocab"), **kw)
         )
+        # Qwen3.5's multi-token-prediction weights: stored and converted, not run (models/mtp.py)
+        self.mtp = MultiTokenPredictor(t, **kw) if t.mtp_num_hidden_layers else None
 
     def embed(self, input_ids: jax.Array, vision: Any) -> tuple[jax.Array, jax.Array | None]:
         """(token embeddings float[B, T, D] with the vision features written in, DeepStack

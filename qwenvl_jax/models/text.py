@@ -1,14 +1,19 @@
-"""The decoder shared by every family: Qwen-7B (Qwen-VL v1), Qwen2, Qwen3 and Qwen3-MoE.
+"""The decoder shared by every family: Qwen-7B (Qwen-VL v1), Qwen2, Qwen3, Qwen3-MoE and the hybrid
+Qwen3.5 / Qwen3.5-MoE.
 
 Families differ only through TextConfig: q/k/v bias (Qwen2, v1), per-head q/k RMSNorm (Qwen3), MoE
-layers (Qwen3-MoE), M-RoPE layout, and the v1 numerics (rotary in float32, dynamic NTK, logn
-attention). A KV cache is passed in and returned functionally: per layer (k, v) float[B, S, K, hd],
-with one int[B, S] segment-id row per batch that marks the written, non-padded slots.
+layers (Qwen3-MoE; with a gated shared expert, Qwen3.5-MoE), M-RoPE layout, the v1 numerics
+(rotary in float32, dynamic NTK, logn attention), and Qwen3.5's hybrid layers: `layer_types` mixes
+Gated DeltaNet layers (`layers/deltanet.py`) with gated full attention (q_proj giving a query and
+an output gate per head, partial rotary), every RMSNorm zero-centred. A cache is passed in and
+returned functionally: per full-attention layer (k, v) float[B, S, K, hd], with one int[B, S]
+segment-id row per batch that marks the written, non-padded slots, and per linear-attention layer
+its `DeltaNetState` (conv inputs and the float32 delta-rule state).
 
-The decoder layers are stored stacked: each run of consecutive layers of the same kind (dense or
-MoE, see `layer_runs`) is one `DecoderLayer` whose parameters are [n, ...] arrays with the logical
-axis "layers" in front (`runs.{r}.*`), and runs with `jax.lax.scan` over those arrays and the
-[L, ...] KV cache in training, prefill and decoding alike, so XLA compiles one layer body per run
+The decoder layers are stored stacked: each run of consecutive layers of the same kind (layer type
+and dense or MoE, see `layer_runs`) is one `DecoderLayer` whose parameters are [n, ...] arrays with
+the logical axis "layers" in front (`runs.{r}.*`), and runs with `jax.lax.scan` over those arrays
+and the cache in training, prefill and decoding alike, so XLA compiles one layer body per run
 whatever the depth. The scan body runs under the model's remat policy (`remat`, "none" by default).
 Checkpoints keep one entry per layer (`layers.{i}.*`); see `loading/stacking.py`.
 """
@@ -24,6 +29,7 @@ from flax import nnx
 
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.layers.attention import dot_product_attention
+from qwenvl_jax.layers.deltanet import DeltaNetState, GatedDeltaNet
 from qwenvl_jax.layers.linear import Embed, Linear
 from qwenvl_jax.layers.mlp import GatedMLP
 from qwenvl_jax.layers.moe import SparseMoE
@@ -34,18 +40,61 @@ from qwenvl_jax.sharding import shard, stacked_params
 
 
 class KVCache(NamedTuple):
-    """k, v: float[L, B, S, K, hd]; segment_ids: int[B, S] (0 = empty or padding)."""
+    """The decoding cache. k, v: float[La, B, S, K, hd] for the La full-attention layers, in layer
+    order; segment_ids: int[B, S] (0 = empty or padding); for the Ll linear-attention layers
+    (Qwen3.5), conv: float[Ll, B, kernel-1, conv_dim] (activation dtype) and recurrent:
+    float32[Ll, B, H_v, d_k, d_v] (see `DeltaNetState`), None without such layers."""
 
     k: jax.Array
     v: jax.Array
     segment_ids: jax.Array
+    conv: jax.Array | None = None
+    recurrent: jax.Array | None = None
 
     @classmethod
     def empty(cls, cfg: TextConfig, batch: int, length: int, dtype: Any) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        n_attn, n_linear = cache_counts(cfg)
+        shape = (n_attn, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        conv = recurrent = None
+        if n_linear:
+            conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+            conv_dim += cfg.linear_num_value_heads * cfg.linear_value_head_dim
+            conv = jnp.zeros((n_linear, batch, cfg.linear_conv_kernel_dim - 1, conv_dim), dtype)
+            recurrent = jnp.zeros(
+                (
+                    n_linear,
+                    batch,
+                    cfg.linear_num_value_heads,
+                    cfg.linear_key_head_dim,
+                    cfg.linear_value_head_dim,
+                ),
+                jnp.float32,
+            )
         return cls(
-            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32)
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch, length), jnp.int32),
+            conv,
+            recurrent,
         )
+
+
+def cache_slots(cfg: TextConfig) -> list[int]:
+    """Each decoder layer's index among the layers of its type: its place in the cache's k/v
+    (full attention) or conv/recurrent (linear attention) arrays."""
+    seen = {"full_attention": 0, "linear_attention": 0}
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        t = cfg.layer_type(i)
+        out.append(seen[t])
+        seen[t] += 1
+    return out
+
+
+def cache_counts(cfg: TextConfig) -> tuple[int, int]:
+    """(full-attention layers, linear-attention layers)."""
+    n_linear = sum(cfg.layer_type(i) == "linear_attention" for i in range(cfg.num_hidden_layers))
+    return cfg.num_hidden_layers - n_linear, n_linear
 
 
 def ntk_alpha(length: int, seq_length: int) -> float:
@@ -54,10 +103,16 @@ def ntk_alpha(length: int, seq_length: int) -> float:
     return max(2 ** math.ceil(ratio) - 1, 1)
 
 
+def layer_kind(cfg: TextConfig, i: int) -> tuple[str, bool]:
+    """(layer type, MoE or not) of decoder layer i: layers of one kind share one layer body."""
+    return cfg.layer_type(i), cfg.is_moe_layer(i)
+
+
 def layer_runs(cfg: TextConfig) -> list[tuple[int, int]]:
-    """[lo, hi) of every run of consecutive decoder layers of the same kind (dense or MoE), in
-    order: one stacked group of parameters and one scanned layer body each."""
-    kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
+    """[lo, hi) of every run of consecutive decoder layers of the same kind (`layer_kind`), in
+    order: one stacked group of parameters and one scanned layer body each. A hybrid pattern
+    (three linear-attention layers, one full) gives alternating runs."""
+    kinds = [layer_kind(cfg, i) for i in range(cfg.num_hidden_layers)]
     runs, lo = [], 0
     for i in range(1, len(kinds) + 1):
         if i == len(kinds) or kinds[i] != kinds[lo]:
@@ -76,13 +131,20 @@ class Attention(nnx.Module):
             cfg.head_dim,
         )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(D, H * hd, axes=("embed", "heads"), bias=cfg.attention_bias, **kw)
+        q_width = 2 * H * hd if cfg.attn_output_gate else H * hd  # [query | gate] per head
+        self.q_proj = Linear(D, q_width, axes=("embed", "heads"), bias=cfg.attention_bias, **kw)
         self.k_proj = Linear(D, K * hd, axes=("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
         self.v_proj = Linear(D, K * hd, axes=("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
         self.o_proj = Linear(H * hd, D, axes=("heads", "embed"), **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+            nkw = dict(
+                eps=cfg.rms_norm_eps,
+                param_dtype=param_dtype,
+                zero_centered=cfg.norm_zero_centered,
+                rngs=rngs,
+            )
+            self.q_norm = RMSNorm(hd, **nkw)
+            self.k_norm = RMSNorm(hd, **nkw)
         else:
             self.q_norm = self.k_norm = None
 
@@ -92,7 +154,12 @@ class Attention(nnx.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         hd = cfg.head_dim
-        q = self.q_proj(x).reshape(B, T, cfg.num_attention_heads, hd)
+        q = self.q_proj(x)
+        gate = None
+        if cfg.attn_output_gate:
+            q, gate = jnp.split(q.reshape(B, T, cfg.num_attention_heads, 2 * hd), 2, axis=-1)
+            gate = gate.reshape(B, T, -1)
+        q = q.reshape(B, T, cfg.num_attention_heads, hd)
         k = self.k_proj(x).reshape(B, T, cfg.num_key_value_heads, hd)
         v = self.v_proj(x).reshape(B, T, cfg.num_key_value_heads, hd)
         if self.q_norm is not None:
@@ -132,31 +199,56 @@ class Attention(nnx.Module):
             kv_positions=kv_slots,
             softmax_in_fp32=cfg.softmax_in_fp32,
         )
-        return self.o_proj(out.reshape(B, T, -1)), new_cache
+        out = out.reshape(B, T, -1)
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate)
+        return self.o_proj(out), new_cache
 
 
 class DecoderLayer(nnx.Module):
-    """One decoder layer; built under `stacked_params(n)`, the n layers of a run (whose
-    parameters are then [n, ...]: call it on one layer's slice of its state, as `TextModel`
-    does)."""
+    """One decoder layer of a kind (`layer_kind`): full attention or Gated DeltaNet, then a dense
+    or sparse MLP; built under `stacked_params(n)`, the n layers of a run (whose parameters are
+    then [n, ...]: call it on one layer's slice of its state, as `TextModel` does)."""
 
     def __init__(
-        self, cfg: TextConfig, index: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None
+        self,
+        cfg: TextConfig,
+        kind: tuple[str, bool],
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs | None,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(
-            cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+        self.layer_type, moe = kind
+        nkw = dict(
+            eps=cfg.rms_norm_eps,
+            param_dtype=param_dtype,
+            zero_centered=cfg.norm_zero_centered,
+            rngs=rngs,
         )
-        self.self_attn = Attention(cfg, **kw)
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
-        )
-        if cfg.is_moe_layer(index):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **nkw)
+        if self.layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(
+                cfg.hidden_size,
+                num_key_heads=cfg.linear_num_key_heads,
+                num_value_heads=cfg.linear_num_value_heads,
+                key_head_dim=cfg.linear_key_head_dim,
+                value_head_dim=cfg.linear_value_head_dim,
+                conv_kernel_size=cfg.linear_conv_kernel_dim,
+                eps=cfg.rms_norm_eps,
+                **kw,
+            )
+        else:
+            self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **nkw)
+        if moe:
             self.mlp = SparseMoE(
                 cfg.hidden_size,
                 cfg.moe_intermediate_size,
                 cfg.num_experts,
                 cfg.num_experts_per_tok,
+                shared_hidden=cfg.shared_expert_intermediate_size,
                 **kw,
             )
         else:
@@ -168,20 +260,41 @@ class DecoderLayer(nnx.Module):
         angles,
         segment_ids,
         slots,
-        layer_cache=None,
+        cache=None,
+        slot=None,
         cache_segment_ids=None,
         cache_index=None,
     ):
-        with jax.named_scope("attention"):
-            a, new_cache = self.self_attn(
-                self.input_layernorm(x),
-                angles,
-                segment_ids,
-                slots,
-                layer_cache,
-                cache_segment_ids,
-                cache_index,
-            )
+        """cache: the whole cache's arrays (k, v, conv, recurrent) or None; slot: this layer's
+        index among the cache's layers of its type. Returns (x, the cache's arrays, router
+        logits or None)."""
+        h = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            with jax.named_scope("linear_attention"):
+                state = None
+                if cache is not None:
+                    k_all, v_all, conv, rec = cache
+                    state = DeltaNetState(
+                        jax.lax.dynamic_index_in_dim(conv, slot, keepdims=False),
+                        jax.lax.dynamic_index_in_dim(rec, slot, keepdims=False),
+                    )
+                a, state = self.linear_attn(h, segment_ids, state)
+                if cache is not None:
+                    conv = jax.lax.dynamic_update_index_in_dim(
+                        conv, state.conv.astype(conv.dtype), slot, 0
+                    )
+                    rec = jax.lax.dynamic_update_index_in_dim(
+                        rec, state.recurrent.astype(rec.dtype), slot, 0
+                    )
+                    cache = (k_all, v_all, conv, rec)
+        else:
+            with jax.named_scope("attention"):
+                layer_cache = None if cache is None else (cache[0], cache[1], slot)
+                a, kv = self.self_attn(
+                    h, angles, segment_ids, slots, layer_cache, cache_segment_ids, cache_index
+                )
+                if cache is not None:
+                    cache = (*kv, *cache[2:])
         x = x + a
         with jax.named_scope("mlp"):
             m = self.mlp(self.post_attention_layernorm(x))
@@ -189,7 +302,7 @@ class DecoderLayer(nnx.Module):
         if isinstance(m, tuple):
             m, router_logits = m
         x = shard(x + m, ("batch", "length", "act_embed"))
-        return x, new_cache, router_logits
+        return x, cache, router_logits
 
 
 class TextModel(nnx.Module):
@@ -213,19 +326,27 @@ class TextModel(nnx.Module):
         runs = []
         for lo, hi in self.ranges:
             with stacked_params(hi - lo):
-                runs.append(DecoderLayer(cfg, lo, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+                runs.append(
+                    DecoderLayer(
+                        cfg, layer_kind(cfg, lo), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                    )
+                )
         self.runs = nnx.List(runs)
         self.norm = RMSNorm(
-            cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+            cfg.hidden_size,
+            eps=cfg.rms_norm_eps,
+            param_dtype=param_dtype,
+            zero_centered=cfg.norm_zero_centered,
+            rngs=rngs,
         )
 
     def rope(self, position_ids: jax.Array, alpha: float = 1.0) -> jax.Array:
-        """position_ids: int[3, B, T] -> angles float32[B, T, head_dim/2]."""
+        """position_ids: int[3, B, T] -> angles float32[B, T, rotary_dim/2]."""
         cfg = self.cfg
         theta = cfg.rope_theta
         if alpha != 1.0:
             theta = theta * alpha ** (cfg.head_dim / (cfg.head_dim - 2))
-        freqs = inv_freq(cfg.head_dim, theta)
+        freqs = inv_freq(cfg.rotary_dim, theta)
         return rope_angles(
             position_ids, freqs, mrope_axes(cfg.mrope_section, cfg.mrope_interleaved)
         )
@@ -259,33 +380,33 @@ class TextModel(nnx.Module):
             cache_seg = jax.lax.dynamic_update_slice_in_dim(
                 cache.segment_ids, segment_ids.astype(jnp.int32), start, axis=1
             )
-        kv = None if cache is None else (cache.k, cache.v)
+        arrays = None if cache is None else (cache.k, cache.v, cache.conv, cache.recurrent)
         n_deep = 0 if deepstack is None else deepstack.shape[0]
+        slot_of = cache_slots(self.cfg)
         router: list[jax.Array] = []
         for (lo, hi), run in zip(self.ranges, self.runs, strict=True):
             graphdef, stacked = nnx.split(run)
 
             def body(carry, xs, graphdef=graphdef, deep=lo < n_deep):
-                x, kv = carry
-                state, i = xs
-                layer_cache = None if kv is None else (*kv, i)
+                x, arrays = carry
+                state, i, slot = xs
                 layer = nnx.merge(graphdef, state)
-                x, kv, rl = layer(x, angles, segment_ids, slots, layer_cache, cache_seg, start)
+                x, arrays, rl = layer(x, angles, segment_ids, slots, arrays, slot, cache_seg, start)
                 if deep:  # DeepStack features enter after layers 0..n_deep-1
                     d = jax.lax.dynamic_index_in_dim(
                         deepstack, jnp.minimum(i, n_deep - 1), keepdims=False
                     )
                     x = x + jnp.where(i < n_deep, d.astype(x.dtype), jnp.zeros((), x.dtype))
-                return (x, kv), rl
+                return (x, arrays), rl
 
             body = checkpointed(body, self.remat, prevent_cse=False)
+            index = jnp.arange(lo, hi, dtype=jnp.int32)
+            slot = jnp.asarray(slot_of[lo:hi], jnp.int32)
             with jax.named_scope(f"layers_{lo}_{hi}"):
-                (x, kv), rls = jax.lax.scan(
-                    body, (x, kv), (stacked, jnp.arange(lo, hi, dtype=jnp.int32))
-                )
+                (x, arrays), rls = jax.lax.scan(body, (x, arrays), (stacked, index, slot))
             if rls is not None:
                 router += list(rls)
-        new_cache = None if cache is None else KVCache(kv[0], kv[1], cache_seg)
+        new_cache = None if cache is None else KVCache(*arrays[:2], cache_seg, *arrays[2:])
         return self.norm(x), new_cache, router
 
 
