@@ -4,22 +4,38 @@ The routed experts are computed as grouped matmuls over the token copies sorted 
 dropless: on CPU a loop of tile-by-expert matmuls (`experts_tiled`), on TPU the megablox
 grouped-matmul kernels (`experts_gmm`), elsewhere `jax.lax.ragged_dot` (`experts_ragged`), chosen
 by the platform the step is compiled for (so an ahead-of-time compile for a TPU topology from a
-CPU host gets the kernels)."""
+CPU host gets the kernels). Under a mesh whose `expert` axis splits the experts, each device
+computes only its own experts (`experts_parallel`).
+
+Every backend takes expert ids in [0, E] for weights of E experts: id E marks a token copy routed
+to no expert here (under expert parallelism, to another device's experts). Such copies are sorted
+after the others and left out of the group sizes, so they cost no matmul; their output (and the
+gradient through them) is zero.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+from jax.sharding import Mesh, PartitionSpec
 
 from qwenvl_jax.layers.linear import Linear
 from qwenvl_jax.layers.mlp import ACTIVATIONS, GatedMLP
-from qwenvl_jax.sharding import map_shards, normal, param
+from qwenvl_jax.sharding import current_mesh, logical_to_spec, map_shards, normal, param, use_mesh
+
+EXPERT_AXES = (
+    "experts",
+    "expert_embed",
+    "expert_mlp",
+)  # gate_up_proj; down_proj swaps the last two
 
 
 class SparseMoE(nnx.Module):
@@ -55,14 +71,14 @@ class SparseMoE(nnx.Module):
             normal(),
             (num_experts, dim, 2 * hidden),
             param_dtype,
-            ("experts", "expert_embed", "expert_mlp"),
+            EXPERT_AXES,
         )
         self.down_proj = param(
             rngs,
             normal(),
             (num_experts, hidden, dim),
             param_dtype,
-            ("experts", "expert_mlp", "expert_embed"),
+            (EXPERT_AXES[0], EXPERT_AXES[2], EXPERT_AXES[1]),
         )
         if shared_hidden:
             kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -81,27 +97,132 @@ class SparseMoE(nnx.Module):
         weights = (weights / jnp.sum(weights, axis=-1, keepdims=True)).astype(logits.dtype)
         w_gate_up = self.gate_up_proj[...].astype(self.dtype)
         w_down = self.down_proj[...].astype(self.dtype)
-        y = jax.lax.platform_dependent(
-            flat,
-            experts,
-            w_gate_up,
-            w_down,
-            cpu=functools.partial(experts_tiled, act=self.act),
-            tpu=functools.partial(experts_gmm, act=self.act),
-            default=functools.partial(experts_ragged, act=self.act),
-        )  # [N, k, D]: each token's output from each of its experts
-        out = jnp.sum(y * weights[..., None], axis=1)
+        if splits_experts(current_mesh(), self.num_experts):
+            out = experts_parallel(flat, experts, weights, w_gate_up, w_down, act=self.act)
+        else:
+            y = experts_by_platform(flat, experts, w_gate_up, w_down, act=self.act)
+            out = jnp.sum(y * weights[..., None], axis=1)
         if self.shared_expert is not None:
             gate = jax.nn.sigmoid(self.shared_expert_gate(flat))
             out = out + gate * self.shared_expert(flat)
         return out.reshape(B, T, D), logits
 
 
+def experts_by_platform(
+    x: jax.Array, experts: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, *, act: str
+) -> jax.Array:
+    """The experts by the backend of the platform compiled for -> float[N, k, D], the output of
+    expert experts[n, j] on token n."""
+    return jax.lax.platform_dependent(
+        x,
+        experts,
+        w_gate_up,
+        w_down,
+        cpu=functools.partial(experts_tiled, act=act),
+        tpu=functools.partial(experts_gmm, act=act),
+        default=functools.partial(experts_ragged, act=act),
+    )
+
+
+def splits_experts(mesh: Mesh | None, num_experts: int) -> bool:
+    """Whether `mesh` splits the experts over its `expert` axis (size > 1, dividing them)."""
+    if mesh is None or mesh.shape.get("expert", 1) == 1:
+        return False
+    return logical_to_spec(EXPERT_AXES[:1], (num_experts,), mesh)[0] == "expert"
+
+
+def experts_parallel(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    w_gate_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    act: str,
+    experts_fn: Callable | None = None,
+) -> jax.Array:
+    """The experts' weighted sum per token, each device computing only its own experts: expert
+    parallelism over the active mesh's `expert` axis (`splits_experts` must hold).
+
+    x: float[N, D]; experts, weights: [N, k] (the top-k ids and their weights); w_gate_up:
+    float[E, D, 2I]; w_down: float[E, I, D] -> float[N, D].
+
+    One shard_map over the mesh: the tokens split as the batch (over `expert` too), the weights
+    as stored (experts over `expert`). A device all-gathers its E/ep experts' weights over the
+    other mesh axes of their feature dimensions (fsdp, and tensor: the experts' hidden dimension
+    is gathered whole rather than split, so the tensor devices repeat the same work, as on the
+    unsplit path), and the tokens with their ids and weights over `expert`, so that it holds the
+    tokens of all devices of its `expert` group. It runs the backend (`experts_fn(x, ids,
+    w_gate_up, w_down, act=act)`, by default the platform's: tiled, gmm or ragged_dot) on the
+    copies routed to its own experts only (the other copies take id E/ep: sorted last, no
+    group, no matmul), sums each token's weighted outputs of its experts, and a reduce-scatter
+    (psum_scatter) over `expert` adds the devices' partial sums and hands each device its own
+    tokens back. No device holds more than E/ep experts' weights, the result is the unsplit
+    computation's, and nothing is dropped. The gradients are the transposes: the weights'
+    reduce-scattered over fsdp/tensor, the tokens' all-gathered over `expert` and back.
+
+    An all-to-all dispatch (each copy sent to its expert's device) would move fewer bytes than
+    all-gathering every token across the `expert` group, but a dropless one needs ragged
+    all-to-all, which XLA runs on TPU/GPU only; this form is exact, dropless and runs (and is
+    tested) on CPU devices too. Token counts the batch split does not divide are padded with
+    rows routed to no expert.
+    """
+    mesh = current_mesh()
+    assert splits_experts(mesh, w_gate_up.shape[0]), "experts_parallel needs an expert mesh axis"
+    run = functools.partial(experts_fn or experts_by_platform, act=act)
+    N = x.shape[0]
+    E = w_gate_up.shape[0]
+    (batch,) = logical_to_spec(("batch",), mesh=mesh)
+    token_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+    if "expert" not in token_axes:
+        token_axes = (*token_axes, "expert")
+    split = int(np.prod([mesh.shape[a] for a in token_axes]))
+    pad = -N % split
+    if pad:  # rows of weight zero, routed to no expert
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        experts = jnp.pad(experts, ((0, pad), (0, 0)), constant_values=E)
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    gate_up_spec = logical_to_spec(EXPERT_AXES, w_gate_up.shape, mesh)
+    down_axes = (EXPERT_AXES[0], EXPERT_AXES[2], EXPERT_AXES[1])
+    down_spec = logical_to_spec(down_axes, w_down.shape, mesh)
+    tokens = PartitionSpec(token_axes, None)
+
+    def gather_features(w, spec):  # the local experts' weights whole
+        for dim in (1, 2):
+            if spec[dim] is not None:
+                w = jax.lax.all_gather(w, spec[dim], axis=dim, tiled=True)
+        return w
+
+    def local(x, experts, weights, w_gate_up, w_down):
+        w_gate_up = gather_features(w_gate_up, gate_up_spec)
+        w_down = gather_features(w_down, down_spec)
+        x, experts, weights = (
+            jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, experts, weights)
+        )
+        here = w_gate_up.shape[0]
+        ids = experts - jax.lax.axis_index("expert") * here
+        ids = jnp.where((ids >= 0) & (ids < here), ids, here)
+        with use_mesh(None):  # per device: no nested split of the backend
+            y = run(x, ids, w_gate_up, w_down)
+        out = jnp.sum(y * weights[..., None], axis=1)
+        return jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
+
+    out = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(tokens, tokens, tokens, gate_up_spec, down_spec),
+        out_specs=tokens,
+        check_vma=False,
+    )(x, experts, weights, w_gate_up, w_down)
+    return out[:N]
+
+
 def _by_expert(
     x: jax.Array, experts: jax.Array, num_experts: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The token copies sorted by expert: (copies float[N*k, D], order int[N*k] (copy i of the
-    sorted rows is flat copy order[i], i.e. token order[i] // k), group_sizes int32[E])."""
+    sorted rows is flat copy order[i], i.e. token order[i] // k), group_sizes int32[E]). Copies
+    of id E (no expert here) come last, counted in no group."""
     k = experts.shape[1]
     flat_experts = experts.reshape(-1)  # [N*k]
     order = jnp.argsort(flat_experts, stable=True)
@@ -169,8 +290,8 @@ def experts_gmm(
 
     Under a mesh each device runs the kernels on its own tokens (split as the batch) with every
     expert's weights whole (gathered, as a dense layer's are under FSDP; their gradient summed
-    over the devices). Feature sizes the kernel cannot tile, or dtypes it does not take, use
-    `experts_ragged`.
+    over the devices), unless the mesh splits the experts (`experts_parallel`). Feature sizes
+    the kernel cannot tile, or dtypes it does not take, use `experts_ragged`.
     """
     D, I2 = w_gate_up.shape[1:]
     fits = all(_gmm_block(size) is not None for size in (D, I2, I2 // 2))
@@ -186,8 +307,9 @@ def experts_gmm(
 
 def _experts_gmm(x, experts, w_gate_up, w_down, *, act, interpret):
     """`experts_gmm` on one device. The kernel takes a row count that its row tile divides: the
-    sorted copies are padded with zero rows counted into the last expert's group, which adds
-    exact zeros to its weight gradient (and a zero row's output is dropped)."""
+    sorted copies are padded with zero rows. The copies of no expert here and the padding form
+    one more group, after the E of the weights: the kernels visit only the row tiles of the
+    weights' groups and write zeros to the rest (its output, and the inputs' gradient)."""
     N, k = experts.shape
     M = N * k
     # a few copies (decoding) take one tile of their own size, in whole bf16 sublane tiles (16)
@@ -195,7 +317,7 @@ def _experts_gmm(x, experts, w_gate_up, w_down, *, act, interpret):
     padded = -(-M // rows) * rows
     tokens, order, group_sizes = _by_expert(x, experts, w_gate_up.shape[0])
     tokens = jnp.pad(tokens, ((0, padded - M), (0, 0)))
-    group_sizes = group_sizes.at[-1].add(padded - M)
+    group_sizes = jnp.append(group_sizes, padded - jnp.sum(group_sizes))
     tiling = _GmmTiling(rows)
 
     def gmm(lhs, rhs):  # positional: the custom VJP's static arguments are by position
@@ -234,22 +356,25 @@ def _tile_layout(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Rows of the tiled layout for the token copies routed to `flat_experts` int[M].
 
-    Returns dest int[M] (each copy's row), src int[R] (each row's copy, M for a padding row),
-    tile_expert int[R / tile] (the expert of each tile) and used int[] (tiles holding copies);
-    R = (ceil(M / tile) + E) * tile bounds the rows whatever the routing.
+    Returns dest int[M] (each copy's row; R, past the end, for a copy of id E: no row),
+    src int[R] (each row's copy, M for a padding row), tile_expert int[R / tile] (the expert of
+    each tile) and used int[] (tiles holding copies); R = (ceil(M / tile) + E) * tile bounds the
+    rows whatever the routing.
     """
     M = flat_experts.shape[0]
     tiles = -(-M // tile) + num_experts
+    R = tiles * tile
     counts = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
     expert_tiles = (counts + tile - 1) // tile
     tiles_end = jnp.cumsum(expert_tiles)
     row_start = (tiles_end - expert_tiles) * tile  # first row of each expert
     copy_start = jnp.cumsum(counts) - counts  # first copy of each expert in sorted order
     order = jnp.argsort(flat_experts, stable=True)
-    sorted_experts = flat_experts[order]
+    sorted_experts = jnp.minimum(flat_experts[order], num_experts - 1)
     rank = jnp.arange(M, dtype=jnp.int32) - copy_start[sorted_experts]
-    dest = jnp.zeros(M, jnp.int32).at[order].set(row_start[sorted_experts] + rank)
-    src = jnp.full(tiles * tile, M, jnp.int32).at[dest].set(jnp.arange(M, dtype=jnp.int32))
+    row = jnp.where(flat_experts[order] < num_experts, row_start[sorted_experts] + rank, R)
+    dest = jnp.zeros(M, jnp.int32).at[order].set(row)
+    src = jnp.full(R, M, jnp.int32).at[dest].set(jnp.arange(M, dtype=jnp.int32), mode="drop")
     tile_expert = jnp.searchsorted(tiles_end, jnp.arange(tiles), side="right")
     tile_expert = jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32)
     return dest, src, tile_expert, tiles_end[-1]
