@@ -311,3 +311,10 @@ def hf_logits(model, inputs: dict) -> np.ndarray:
 
 def state_dict_numpy(model) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
+    """Largest difference over the masked positions, relative to the reference's largest value
+    (at least 1)."""
+    m = mask.astype(bool)
+    return float(np.abs(ours - ref)[m].max() / max(1.0, np.abs(ref[m]).max()))

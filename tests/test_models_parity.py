@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
-from hf_models import FAMILIES, build_inputs, hf_logits, hf_model
+from hf_models import FAMILIES, build_inputs, hf_logits, hf_model, rel_err
 
 import qwenvl_jax as qj
 
@@ -30,11 +30,6 @@ CASES = {
     ],
     "text_only_batch": [{"text": list(range(5, 30))}, {"text": list(range(50, 60))}],
 }
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
-    m = mask.astype(bool)
-    return float(np.abs(ours - ref)[m].max() / max(1.0, np.abs(ref[m]).max()))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

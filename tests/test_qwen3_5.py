@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_models import QWEN3_5_LAYERS, build_inputs, hf_logits, hf_model
+from hf_models import QWEN3_5_LAYERS, build_inputs, hf_logits, hf_model, rel_err
 from safetensors.numpy import load_file, save_file
 
 import qwenvl_jax as qj
@@ -45,11 +45,6 @@ CASES = {
         {"text": list(range(100, 130))},
     ],
 }
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
-    m = mask.astype(bool)
-    return float(np.abs(ours - ref)[m].max() / max(1.0, np.abs(ref[m]).max()))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
