@@ -5,7 +5,7 @@ Per value head the layer keeps a float32 state S[d_k, d_v] and, token by token,
     S <- exp(g) S;   S <- S + k (beta (v - S^T k))^T;   o = S^T q
 
 with q and k L2-normalised and q scaled by d_k^-0.5. Two forms compute it from one preparation
-(`_prepare`): the chunked form (chunks of 64 tokens, a unit-lower-triangular solve within a chunk,
+(`_prepare`): the chunked form (chunks of 64 tokens, a unit-lower-triangular inverse within a chunk,
 a `jax.lax.scan` of the state across chunks) for prefill and training, and the recurrent form (a
 scan over tokens) for decoding. Both take and return the state, so a prefill continues into decode.
 
@@ -70,6 +70,47 @@ def _prepare(q, k, v, g, beta, segment_ids):
     return q, k, v.astype(f32), g, beta, region, first
 
 
+@jax.custom_vjp
+def _unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """(I + strictly_lower(a))^-1 for float[..., C, C], by forward substitution a row at a time.
+
+    Not `lax.linalg.triangular_solve`: on XLA:CPU its LAPACK kernel waits on the intra-op thread
+    pool from inside that pool, so two solves running at once (a training step's forward and
+    backward chunks) deadlock a 2-core machine. Not repeated squaring (sum of powers) either: with
+    slowly decaying, correlated keys the powers grow and cancel, and float32 loses every digit.
+    """
+    return _inverse_rows(a)
+
+
+def _inverse_rows(a: jax.Array) -> jax.Array:
+    C = a.shape[-1]
+    lower = jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), a, 0.0)
+
+    def row(i, x):  # x[i] = e_i - sum_{j<i} a[i, j] x[j]; rows j < i are final
+        ai = jax.lax.dynamic_index_in_dim(lower, i, axis=-2, keepdims=True)  # [..., 1, C]
+        xi = jax.lax.dynamic_index_in_dim(x, i, axis=-2, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(x, xi - ai @ x, i, axis=-2)
+
+    eye = jnp.broadcast_to(jnp.eye(C, dtype=a.dtype), a.shape)
+    return jax.lax.fori_loop(1, C, row, eye)
+
+
+def _inverse_fwd(a):
+    x = _inverse_rows(a)
+    return x, x
+
+
+def _inverse_bwd(x, dx):
+    # d(X) = -X d(L) X, so dL = -X^T dX X^T, only where L has entries (strictly below the diagonal)
+    xt = jnp.swapaxes(x, -1, -2)
+    da = -(xt @ dx @ xt)
+    C = x.shape[-1]
+    return (jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), da, 0.0),)
+
+
+_unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
 def _initial(state: jax.Array | None, k: jax.Array, v: jax.Array) -> jax.Array:
     if state is not None:
         return state.astype(jnp.float32)
@@ -126,7 +167,7 @@ def chunk_gated_delta_rule(
     # delta updates; the new values written at i are u_i - w_i S (S the chunk's initial state)
     a = jnp.einsum("bhnid,bhnjd->bhnij", k_beta, k) * decay
     rhs = jnp.concatenate([v * beta[..., None], k_beta * from_state[..., None]], axis=-1)
-    uw = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
+    uw = _unit_lower_inverse(a) @ rhs
     u, w = uw[..., : v.shape[-1]], uw[..., v.shape[-1] :]
     attn = jnp.einsum("bhnid,bhnjd->bhnij", q, k) * decay
     q_state = q * from_state[..., None]
