@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.layers import deltanet_tpu
 from qwenvl_jax.layers.linear import Linear
 from qwenvl_jax.sharding import ones, param, shard
 
@@ -126,12 +127,16 @@ def chunk_gated_delta_rule(
     segment_ids: jax.Array,
     initial_state: jax.Array | None = None,
     chunk_size: int = CHUNK,
+    *,
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """The gated delta rule over whole chunks (prefill, training).
 
     q, k: float[B, T, Hk, d_k]; v: float[B, T, H, d_v] (H a multiple of Hk); g (log decay, <= 0),
     beta: float[B, T, H]; segment_ids: int[B, T]; initial_state: float32[B, H, d_k, d_v] or None
     (zeros). Returns o float[B, T, H, d_v] in q's dtype (zero at padding) and the final state.
+    On TPU the recurrence across chunks is a Pallas kernel (deltanet_tpu) where it tiles d_k, d_v
+    and the chunk; `interpret` takes that kernel in Pallas interpret mode on any backend.
     """
     dtype = q.dtype
     q, k, v, g, beta, region, first = _prepare(q, k, v, g, beta, segment_ids)
@@ -180,9 +185,19 @@ def chunk_gated_delta_rule(
         s = s * chunk_decay[..., None, None] + jnp.einsum("bhcd,bhce->bhde", k_end, v_new)
         return s, o
 
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (u, w, attn, q_state, k_end, chunk_decay))
-    state, o = jax.lax.scan(step, state, xs)  # o: [N, B, H, C, d_v]
-    o = jnp.moveaxis(o, 0, 2).reshape(B, H, N * C, -1)[:, :, :T]
+    def xla(state, *xs):
+        state, o = jax.lax.scan(step, state, tuple(jnp.moveaxis(x, 2, 0) for x in xs))
+        return jnp.moveaxis(o, 0, 2), state  # o: [B, H, N, C, d_v]
+
+    # the cross-chunk recurrence: a Pallas kernel on TPU where it tiles the sizes
+    operands = (state, u, w, attn, q_state, k_end, chunk_decay)
+    if not deltanet_tpu.fits(dk, v.shape[-1], C):
+        o, state = xla(*operands)
+    elif interpret:
+        o, state = deltanet_tpu.chunk_scan(*operands, interpret=True)
+    else:
+        o, state = jax.lax.platform_dependent(*operands, tpu=deltanet_tpu.chunk_scan, default=xla)
+    o = o.reshape(B, H, N * C, -1)[:, :, :T]
     return jnp.moveaxis(o, 1, 2).astype(dtype), state
 
 
