@@ -14,6 +14,7 @@ from qwenvl_jax.config import load_config
 from qwenvl_jax.modeling import build_model
 from qwenvl_jax.models.vision_inputs import make_vision_batch
 from qwenvl_jax.train.flops import (
+    delta_rule_flops_per_token,
     step_flops,
     text_forward_flops,
     v1_vision_forward_flops,
@@ -84,3 +85,28 @@ def test_step_counts_real_tokens_and_the_experts_used():
     moe_layers = sum(t.is_moe_layer(i) for i in range(t.num_hidden_layers))
     extra = 3 * 16 * moe_layers * 6 * t.hidden_size * t.moe_intermediate_size
     assert step_flops(more, batch) - step_flops(cfg, batch) == extra
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_counts_each_projection_weight(family):
+    """Qwen3.5's hybrid decoder (XLA cannot count its in-chunk loops): outside the delta rule and
+    the attention scores, one token costs 2 FLOPs per weight of every projection of the built
+    model (Gated DeltaNet's five, gated attention's query-and-gate, the shared expert and its
+    gate, the head), the routed experts k / E of theirs; the depthwise convolution is no
+    matmul."""
+    cfg = load_config(f"tiny_{family}")
+    t = cfg.text
+    weights = 0.0
+    for path, v in nnx.to_flat_state(nnx.state(build_model(cfg), nnx.Param)):
+        names = [str(p) for p in path]
+        if names[0] not in ("language_model", "lm_head") or "conv1d" in names:
+            continue
+        if names[-1] in ("gate_up_proj", "down_proj") and names[-2] == "mlp":  # routed experts
+            weights += v[...].size * t.num_experts_per_tok / t.num_experts
+        elif names[-1] == "kernel":
+            weights += v[...].size
+    linear = t.layer_types.count("linear_attention")
+    full = t.num_hidden_layers - linear
+    assert linear and full and t.attn_output_gate
+    core = linear * delta_rule_flops_per_token(t) + 4 * t.num_attention_heads * t.head_dim * full
+    assert text_forward_flops(t, np.array([1])) - core == pytest.approx(2 * weights, rel=1e-12)

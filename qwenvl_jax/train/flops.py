@@ -3,11 +3,12 @@
 Counted as 3x the forward pass (the forward, and a backward twice its size), the usual
 convention, whatever is frozen. The forward counts every matmul (2 FLOPs per multiply-add) of the
 tokens actually present: decoder projections and MLP (for MoE the router and the top-k experts
-each token uses, not all experts), the attention scores and weighted sums over each packed
-sample's causal context, the output head, and the vision side (patch embedding, ViT blocks with
-attention within each image or frame, the merger; Qwen-VL v1's ViT and resampler per image).
-XLA's cost analysis is no substitute here: it counts a grouped (`ragged_dot`) expert matmul as
-if every token went through every expert.
+each token uses, not all experts, plus Qwen3.5's shared expert), the attention scores and
+weighted sums over each packed sample's causal context (full-attention layers; Qwen3.5's Gated
+DeltaNet layers count their projections and their chunked delta rule), the output head, and the
+vision side (patch embedding, ViT blocks with attention within each image or frame, the merger;
+Qwen-VL v1's ViT and resampler per image). XLA's cost analysis is no substitute here: it counts
+a grouped (`ragged_dot`) expert matmul as if every token went through every expert.
 """
 
 from __future__ import annotations
@@ -30,22 +31,45 @@ def _segment_lengths(segment_ids: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+def delta_rule_flops_per_token(t: TextConfig, chunk: int = 64) -> float:
+    """FLOPs per token of one Gated DeltaNet layer's delta rule in its chunked form (both
+    qwenvl_jax and transformers compute chunks of 64), per value head: the causal half of the
+    in-chunk products q k^T, (beta k) k^T, the triangular inverse applied to [v | k] and the
+    in-chunk attention times the new values; the inverse itself (C^3 / 3 multiply-adds a chunk);
+    and three products with the d_k x d_v state (read, output, write)."""
+    dk, dv, C = t.linear_key_head_dim, t.linear_value_head_dim, chunk
+    per_head = (C + 1) * (3 * dk + 2 * dv) + 2 * C * C / 3 + 6 * dk * dv
+    return t.linear_num_value_heads * per_head
+
+
 def text_forward_flops(t: TextConfig, lengths: np.ndarray) -> float:
     """Decoder + head forward FLOPs over samples of the given lengths."""
     D, H, K, hd = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
     tokens = float(np.sum(lengths))
     per_token = 0.0
+    full = 0
     for i in range(t.num_hidden_layers):
-        per_token += 4 * D * hd * (H + K)  # q, o (H heads) and k, v (K heads)
+        if t.layer_type(i) == "linear_attention":  # Gated DeltaNet
+            kd = t.linear_num_key_heads * t.linear_key_head_dim
+            vd = t.linear_num_value_heads * t.linear_value_head_dim
+            # in_proj_qkv, in_proj_z, in_proj_a and _b (one per value head), out_proj
+            per_token += 2 * D * (2 * kd + 2 * vd + 2 * t.linear_num_value_heads) + 2 * vd * D
+            per_token += delta_rule_flops_per_token(t)
+        else:
+            full += 1
+            q = H * hd * (2 if t.attn_output_gate else 1)  # gated: [query | gate]
+            per_token += 2 * D * (q + 2 * K * hd) + 2 * H * hd * D  # q, k, v, o
         if t.is_moe_layer(i):
             experts = t.num_experts_per_tok * 6 * D * t.moe_intermediate_size
             per_token += 2 * D * t.num_experts + experts
+            if t.shared_expert_intermediate_size:  # and its gate
+                per_token += 6 * D * t.shared_expert_intermediate_size + 2 * D
         else:
             per_token += 6 * D * t.intermediate_size
     per_token += 2 * D * t.vocab_size
     # causal attention: token j of a sample attends j + 1 keys; scores and weighted sum
     pairs = float(np.sum(lengths * (lengths + 1) / 2))
-    return per_token * tokens + 4 * H * hd * pairs * t.num_hidden_layers
+    return per_token * tokens + 4 * H * hd * pairs * full
 
 
 def vision_forward_flops(v: VisionConfig, frame_lengths: np.ndarray) -> float:
@@ -90,4 +114,10 @@ def step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
     return 3.0 * fwd
 
 
-__all__ = ["step_flops", "text_forward_flops", "v1_vision_forward_flops", "vision_forward_flops"]
+__all__ = [
+    "delta_rule_flops_per_token",
+    "step_flops",
+    "text_forward_flops",
+    "v1_vision_forward_flops",
+    "vision_forward_flops",
+]
