@@ -10,14 +10,26 @@ each) at batch 1 and batch 8:
 - prefill tokens/s: prompt tokens of the batch / time to first token;
 - decode tokens/s: new tokens of the batch after the first / the time they took.
 
-Both sides generate exactly --new-tokens tokens (end-of-sequence ids are ignored) and each number is
-the best of --repeats runs.
+Both sides decode greedily (no sampling, no repetition penalty, whatever the chat template's
+generation_config.json says) and generate exactly --new-tokens tokens (end-of-sequence ids are
+ignored); each number is the best of --repeats runs. Both sides load the same weights and are fed
+the same processor outputs, so their greedy tokens must agree: the bench stops with an error
+when they do not, and a ratio is always of one model.
+
+Qwen3.5 and Qwen3.5-MoE (6 layers: three Gated DeltaNet, one gated full attention, two Gated
+DeltaNet) use Qwen3-VL's chat template and processor, as transformers does (Qwen3VLProcessor).
+transformers runs their linear-attention layers with its own torch code
+(`torch_chunk_gated_delta_rule` for the prompt, `torch_recurrent_gated_delta_rule` per decoded
+token, `F.conv1d` for the causal convolution): without the flash-linear-attention and
+causal-conv1d packages, as on a CPU, that fallback is transformers' Gated DeltaNet and the
+reference timed here.
 
 --config FILE times a model of your own shape instead (random weights, the real tokenizer): any
 transformers config.json of a supported family, e.g. bench/configs/generate_qwen2_5_vl.json (the
 README's table: real layer widths and vocabulary, fewer layers).
 
     python bench/generate.py [--family qwen2_vl] [--new-tokens 32] [--repeats 3] [--threads N]
+    python bench/generate.py --family qwen3_5_moe --batches 1 4
     python bench/generate.py --config bench/configs/generate_qwen2_5_vl.json --batches 1 4
 """
 
@@ -37,6 +49,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.train import CLASSES, load_hf_config, qwen3_5_config  # noqa: E402
+
 REFERENCE = ROOT.parent / "shared" / "reference_configs"
 SIDE_FILES = (
     "chat_template.json",
@@ -50,13 +64,11 @@ TEMPLATES = {
     "qwen2_5_vl": "Qwen__Qwen2.5-VL-7B-Instruct",
     "qwen3_vl": "Qwen__Qwen3-VL-4B-Instruct",
     "qwen3_vl_moe": "Qwen__Qwen3-VL-4B-Instruct",  # the same chat template as Qwen3-VL-30B-A3B
+    # the reference Qwen3.5 folders hold config.json only; their processor is Qwen3-VL's
+    "qwen3_5": "Qwen__Qwen3-VL-4B-Instruct",
+    "qwen3_5_moe": "Qwen__Qwen3-VL-4B-Instruct",
 }
-CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-}
+BUILT_IN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe")
 IDS = dict(
     image_token_id=151655,
     video_token_id=151656,
@@ -130,6 +142,22 @@ def hf_config(family: str):
             deepstack_visual_indexes=[1, 2],
         )
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **IDS)
+    if family.startswith("qwen3_5"):
+        vision = dict(
+            depth=4,
+            hidden_size=256,
+            intermediate_size=768,
+            num_heads=4,
+            out_hidden_size=512,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=576,
+            hidden_act="gelu_pytorch_tanh",
+        )
+        return qwen3_5_config(
+            family, vocab=151936, ids=IDS, width=512, layers=6, heads=8, vit=vision
+        )
     raise SystemExit(f"no built-in model for {family!r} (use --config)")
 
 
@@ -181,27 +209,38 @@ def conversations(folder: Path, batch: int) -> list:
     return out
 
 
-def bench_jax(model, processor, convs, new_tokens: int, repeats: int) -> dict:
+def bench_jax(model, processor, convs, new_tokens: int, repeats: int) -> tuple[dict, np.ndarray]:
+    """(timings, greedy tokens int[B, new_tokens]) of `qj.generate`."""
     import qwenvl_jax as qj
 
-    first = qj.generate(model, processor, convs, max_new_tokens=new_tokens)
+    def run():
+        return qj.generate(
+            model,
+            processor,
+            convs,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            repetition_penalty=1.0,
+        )
+
+    first = run()
     assert all(len(o.token_ids) == new_tokens for o in first)
     prompt = sum(o.prompt_tokens for o in first)
-    runs = [
-        qj.generate(model, processor, convs, max_new_tokens=new_tokens)[0].timings
-        for _ in range(repeats)
-    ]
+    runs = [run()[0].timings for _ in range(repeats)]
     ttft = min(t["prepare_s"] + t["prefill_s"] for t in runs)
     return {
         "compile_s": first[0].timings["compile_s"],
         "ttft_s": ttft,
         "prefill_tokens_per_s": prompt / ttft,
         "decode_tokens_per_s": max(t["decode_tokens_per_s"] for t in runs),
-    }
+    }, np.asarray([o.token_ids for o in first])
 
 
-def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> dict:
+def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> tuple[dict, np.ndarray]:
+    """(timings, greedy tokens int[B, new_tokens]) of transformers' `generate()`."""
     import torch
+
+    tokens = []
 
     def run(n: int) -> float:
         start = time.perf_counter()
@@ -218,6 +257,7 @@ def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> dict:
             )
         seconds = time.perf_counter() - start
         assert out.shape[1] - kw["input_ids"].shape[1] == n
+        tokens.append(out[:, kw["input_ids"].shape[1] :].numpy())
         return seconds
 
     run(2)  # warm-up
@@ -230,7 +270,17 @@ def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> dict:
         "ttft_s": ttft,
         "prefill_tokens_per_s": prompt / ttft,
         "decode_tokens_per_s": B * (new_tokens - 1) / max(total - ttft, 1e-9),
-    }
+    }, tokens[-1]
+
+
+def check_same_tokens(family: str, batch: int, ours: np.ndarray, ref: np.ndarray) -> None:
+    """A one-line exit when the two sides' greedy tokens differ: they would not be one model."""
+    if ours.shape != ref.shape or not np.array_equal(ours, ref):
+        rows, steps = np.nonzero(ours != ref) if ours.shape == ref.shape else ([0], [0])
+        raise SystemExit(
+            f"{family}, batch {batch}: greedy tokens differ from transformers' (row {rows[0]}, "
+            f"new token {steps[0]}): the two sides do not compute the same model"
+        )
 
 
 def table(results: dict) -> str:
@@ -256,7 +306,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
+    p.add_argument("--family", default="qwen2_vl", choices=BUILT_IN)
     p.add_argument(
         "--config", metavar="FILE", help="a transformers config.json to time instead of --family"
     )
@@ -275,22 +325,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     family, config = args.family, None
     if args.config:
-        from bench.train import load_hf_config
-
         family, config = load_hf_config(args.config, tuple(CLASSES))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         hf = write_checkpoint(family, folder, config)
-        processor = qj.Processor.from_pretrained(folder)
+        # transformers processes Qwen3.5 with Qwen3VLProcessor; so does ours
+        processor = qj.Processor.from_pretrained(
+            folder, family="qwen3_vl" if family.startswith("qwen3_5") else None
+        )
         processor.eos_token_ids = []  # generate exactly --new-tokens on both sides
         model = qj.from_pretrained(folder, dtype="float32")
         results = {}
         for batch in args.batches:
             convs = conversations(Path(tmp), batch)
-            results[batch] = {
-                "jax": bench_jax(model, processor, convs, args.new_tokens, args.repeats),
-                "hf": bench_hf(hf, processor, convs, args.new_tokens, args.repeats),
-            }
+            ours, ours_tokens = bench_jax(model, processor, convs, args.new_tokens, args.repeats)
+            ref, ref_tokens = bench_hf(hf, processor, convs, args.new_tokens, args.repeats)
+            check_same_tokens(family, batch, ours_tokens, ref_tokens)
+            results[batch] = {"jax": ours, "hf": ref}
     params = qj.param_count(model)
     print(
         f"{family}: {params / 1e6:.1f}M parameters, float32, {args.new_tokens} new tokens, "
@@ -298,6 +349,7 @@ def main() -> None:
         f"with {torch.get_num_threads()} threads"
     )
     print(table(results))
+    print("greedy tokens: equal on both sides at every batch size")
     if args.json:
         print(json.dumps({str(b): r for b, r in results.items()}))
 
