@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai  # noqa: E402
 import pytest
 import uvicorn  # noqa: E402
@@ -22,7 +23,7 @@ import uvicorn  # noqa: E402
 import qwenvl_jax as qj
 from qwenvl_jax.cli import main as cli_main
 from qwenvl_jax.serving.api import Limits, create_app
-from qwenvl_jax.serving.engine import Engine
+from qwenvl_jax.serving.engine import Engine, wait_idle
 from tests.checkpoints import session_checkpoint
 from tests.test_generate import write_picture
 
@@ -51,7 +52,10 @@ def serving(model, processor, limits=None, **engine_kw):
 
 
 def load(family, tmp_path_factory):
-    folder = session_checkpoint(family, tmp_path_factory)
+    return load_folder(session_checkpoint(family, tmp_path_factory))
+
+
+def load_folder(folder):
     return qj.from_pretrained(folder, dtype="float32"), qj.Processor.from_pretrained(folder)
 
 
@@ -244,6 +248,71 @@ def test_another_family(family, tmp_path_factory):
     for i, (c, (text, ids, _)) in enumerate(zip(convs, answers)):
         want = expected(model, processor, as_hf(c, paths), 10 + 4 * i, temperature=0)
         assert (text, ids) == want
+
+
+@pytest.fixture(scope="module", params=["qwen3_5"])
+def hybrid(request, tmp_path_factory):
+    """A tiny Qwen3.5 checkpoint: Gated DeltaNet and gated attention layers, with the real Qwen
+    vocabulary and the processor files of Qwen3-VL (whose processor Qwen3.5 ships), pictures
+    kept small (a few image tokens: every prompt fits one bucket)."""
+    folder = session_checkpoint(
+        request.param,
+        tmp_path_factory,
+        reference="Qwen__Qwen3-VL-4B-Instruct",
+        preprocessor={"size": {"shortest_edge": 64 * 64, "longest_edge": 16777216}},
+    )
+    model, processor = load_folder(folder)
+    pic = write_picture(tmp_path_factory.mktemp(f"serve_{request.param}"), "p", (96, 64), 4)
+    return model, processor, pic
+
+
+def test_hybrid_requests_each_equal_generate_alone(hybrid):
+    """Qwen3.5: 10 concurrent greedy requests of different lengths (3 with an image) through 2
+    slots, for more decode steps than a row has slots: each answer is qj.generate of its
+    conversation alone, token for token. Each row's linear-attention states (conv inputs and
+    delta-rule state) are its request's: a reused slot starts from zero, the other rows and the
+    attention ring wrapping around do not reach them, and the steps a slot sits empty leave them
+    as they are."""
+    model, processor, pic = hybrid
+    requests, paths = [], {}
+    for i in range(10):
+        parts = [image_part(pic, "path")] if i % 4 == 1 else []
+        paths.update({p["image_url"]["url"]: pic for p in parts})
+        text = f"Request {i}: " + "go on. " * (1 + 2 * (i % 3))
+        requests.append((user(text, *parts), 16 + (i * 5) % 17, i % 3 == 2))
+
+    async def run_all(base, batch):
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused") as client:
+            return await asyncio.gather(
+                *(
+                    ask(client, msgs, stream=stream, max_tokens=n, temperature=0)
+                    for msgs, n, stream in batch
+                )
+            )
+
+    def states(engine):
+        assert wait_idle(engine)
+        return [np.asarray(a) for a in (engine._cache.conv, engine._cache.recurrent)]
+
+    with serving(model, processor, max_batch=2, max_len=96) as (base, engine):
+        answers = asyncio.run(run_all(base, requests))
+        assert engine.stats["decode_steps"] > engine.max_len  # the write slot went round
+        assert engine.stats["prefills"] == len(requests)
+        before, steps = states(engine), engine.stats["decode_steps"]
+        # alone in slot 0: slot 1 sits empty through its decode steps
+        [again] = asyncio.run(run_all(base, requests[1:2]))
+        after = states(engine)
+        assert engine.stats["decode_steps"] - steps == len(again[1]) - 1
+    assert again == answers[1]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a[:, 1], b[:, 1])
+        assert not np.array_equal(a[:, 0], b[:, 0])
+    for (msgs, n, _), (text, ids, _) in zip(requests, answers):
+        want_text, want_ids = expected(model, processor, as_hf(msgs, paths), n, temperature=0)
+        assert ids == want_ids
+        assert text == want_text
+        assert len(ids) == n or ids[-1] in processor.eos_token_ids
+    assert len({tuple(ids) for _, ids, _ in answers}) == len(answers)
 
 
 def test_bad_requests_get_4xx_and_the_server_goes_on(qwen25, tmp_path):

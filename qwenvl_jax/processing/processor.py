@@ -42,6 +42,9 @@ _FAMILY_OF_PROCESSOR_CLASS = {
     "Qwen2_5_VLProcessor": "qwen2_5_vl",
     "Qwen3VLProcessor": "qwen3_vl",
 }
+# Model families that use another family's processor (as transformers' processing_auto maps
+# them): Qwen3.5 and Qwen3.5-MoE checkpoints are processed by Qwen3-VL's.
+_PROCESSOR_FAMILY = {"qwen3_5": "qwen3_vl", "qwen3_5_moe": "qwen3_vl"}
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
@@ -210,6 +213,7 @@ class Processor:
             processor = module.QwenVLProcessor.from_pretrained(path)
             processor.generation_config = read_json(path / "generation_config.json") or {}
             return processor
+        family = _PROCESSOR_FAMILY.get(family, family)
         if family not in FAMILIES:
             raise ConfigError(
                 f"{path}: unsupported model_type {family!r}; expected one of {FAMILIES}"

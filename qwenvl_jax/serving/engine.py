@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenvl_jax.errors import InputError, QwenVLError
 from qwenvl_jax.inference.generate import (
@@ -160,8 +161,10 @@ def _prefill_row(
     ntk_alpha,
 ):
     """Run one prompt (batch 1, left-padded to P) on its own, then lay its keys and values into
-    row `row` of the cache at the P ring slots before `write`, the rest of the row cleared.
-    Returns (its first token int32[], the cache, seen with the row set to the prompt's ids)."""
+    row `row` of the cache at the P ring slots before `write`, the rest of the row cleared, and
+    (Qwen3.5) its linear-attention layers' conv and delta-rule states, run from zero, in place of
+    the row's. Returns (its first token int32[], the cache, seen with the row set to the prompt's
+    ids)."""
     model = nnx.merge(graphdef, state)
     P = input_ids.shape[1]
     S = cache.segment_ids.shape[1]
@@ -173,11 +176,19 @@ def _prefill_row(
     def put(full, part):  # part [L, 1, P, K, hd]
         return full.at[:, row].set(0).at[:, row, at].set(part[:, 0].astype(full.dtype))
 
-    cache = KVCache(
-        shard(put(cache.k, fresh.k), CACHE_AXES),
-        shard(put(cache.v, fresh.v), CACHE_AXES),
-        cache.segment_ids.at[row].set(0).at[row, at].set(fresh.segment_ids[0]),
+    def replace(full, part):  # part [Ll, 1, ...]: the prompt's linear-attention state
+        return full.at[:, row].set(part[:, 0].astype(full.dtype))
+
+    cache = cache._replace(
+        k=shard(put(cache.k, fresh.k), CACHE_AXES),
+        v=shard(put(cache.v, fresh.v), CACHE_AXES),
+        segment_ids=cache.segment_ids.at[row].set(0).at[row, at].set(fresh.segment_ids[0]),
     )
+    if cache.conv is not None:
+        cache = cache._replace(
+            conv=replace(cache.conv, fresh.conv),
+            recurrent=replace(cache.recurrent, fresh.recurrent),
+        )
     seen_row = mark_seen(jnp.zeros((1, seen.shape[1]), bool), input_ids, segment_ids != 0)
     seen = jax.lax.dynamic_update_slice(seen, seen_row, (row, 0))
     seed, temperature, top_k, top_p, penalty = knobs
@@ -191,6 +202,7 @@ def _decode_rows(
     seen,
     tokens,
     positions,
+    live,
     write,
     index,
     knobs,
@@ -203,13 +215,14 @@ def _decode_rows(
     """Every row feeds tokens[b] with rotary position positions[b] (on every M-RoPE axis) into
     ring slot `write` of its cache row, attending to the keys of its own row that its segment
     ids mark; marks the token seen and picks its next token (the index[b]-th of its answer) with
-    its own knobs (arrays [B]) and sampling mode modes[mode_index[b]]. Returns (next tokens
-    int32[B], the cache, seen)."""
+    its own knobs (arrays [B]) and sampling mode modes[mode_index[b]]. A row that runs no request
+    (live[b] false) feeds padding: its linear-attention states stay as they are and its ring
+    slot is marked empty. Returns (next tokens int32[B], the cache, seen)."""
     model = nnx.merge(graphdef, state)
     B, S = cache.segment_ids.shape
     logits, cache, _ = model.forward(
         tokens[:, None],
-        jnp.ones((B, 1), jnp.int32),
+        live[:, None].astype(jnp.int32),
         jnp.broadcast_to(positions[None, :, None], (3, B, 1)),
         None,
         cache=cache,
@@ -419,12 +432,11 @@ class Engine:
         dtype = getattr(self.model, "dtype", jnp.float32)
         with use_mesh(self._mesh):
             empty = KVCache.empty(cfg, self.max_batch, self.max_len, dtype)
-            self._cache = KVCache(
-                shard(empty.k, CACHE_AXES), shard(empty.v, CACHE_AXES), empty.segment_ids
-            )
+            self._cache = empty._replace(k=shard(empty.k, CACHE_AXES), v=shard(empty.v, CACHE_AXES))
             self._seen = shard(
                 jnp.zeros((self.max_batch, cfg.vocab_size), bool), ("batch", "act_vocab")
             )
+        self._cache, self._seen = _on_mesh_of((self._cache, self._seen), self._state)
 
     def _reset_knobs(self, row: int | None = None) -> None:
         defaults = Settings(0.0, 0, 1.0, 1.0, 0).knobs()
@@ -526,8 +538,10 @@ class Engine:
             return
         modes = tuple(sorted({r.settings.mode for r in rows}))
         mode_index = np.zeros(self.max_batch, np.int32)
+        live = np.zeros(self.max_batch, bool)
         for r in rows:
             mode_index[r.row] = modes.index(r.settings.mode)
+            live[r.row] = True
         # each running row feeds its last token; index: the new token's place in its answer
         index = self._index + 1
         with use_mesh(self._mesh):
@@ -537,6 +551,7 @@ class Engine:
                 self._seen,
                 self._tokens.copy(),
                 self._positions.copy(),
+                live,
                 np.int32(self._write),
                 index,
                 tuple(a.copy() for a in self._knobs),
@@ -618,6 +633,29 @@ class Engine:
         except Exception:  # the client's side is gone
             log.debug("dropping an event of a closed request", exc_info=True)
             r.cancelled = True
+
+
+def _on_mesh_of(tree: Any, state: Any) -> Any:
+    """tree's arrays on the mesh of the model's parameters (replicated unless already placed on a
+    mesh), as the jitted programs return them: the first prefill then takes the same argument
+    types as every later one and does not compile a program of its own."""
+    mesh = next(
+        (
+            x.sharding.mesh
+            for x in jax.tree.leaves(state)
+            if isinstance(getattr(x, "sharding", None), NamedSharding)
+        ),
+        None,
+    )
+    if mesh is None:
+        return tree
+
+    def put(x):
+        if isinstance(x.sharding, NamedSharding):
+            return x
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+
+    return jax.tree.map(put, tree)
 
 
 def _deleted(cache: KVCache) -> bool:
