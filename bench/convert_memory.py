@@ -69,13 +69,13 @@ def hf_config(layers: int) -> dict:
 def tensor_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     """(hub key, shape) of every tensor, built from the model's own abstract parameters."""
     from qwenvl_jax.config import from_hf
-    from qwenvl_jax.loading import convert, orbax_io
+    from qwenvl_jax.loading import load, orbax_io
     from qwenvl_jax.loading.mapping import mapping_for
     from qwenvl_jax.modeling import build_model
 
     config = from_hf(hf_config(layers))
     abstract = orbax_io.flat_params(build_model(config, dtype="bfloat16", abstract=True))
-    ghosts = {p: convert._ghost(s.shape, s.dtype) for p, s in abstract.items()}
+    ghosts = {p: load.ghost(s.shape, s.dtype) for p, s in abstract.items()}
     return [(k, tuple(a.shape)) for k, a in mapping_for(config).export_tensors(ghosts)]
 
 

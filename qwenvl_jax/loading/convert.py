@@ -32,12 +32,21 @@ import numpy as np
 from qwenvl_jax.config import ModelConfig, from_hf
 from qwenvl_jax.errors import CheckpointError, ConfigError, InputError
 from qwenvl_jax.loading import orbax_io
-from qwenvl_jax.loading.experts import FusedExpertsReader, fuse_experts, split_experts
-from qwenvl_jax.loading.fp8 import Fp8DequantReader, as_dtype
+from qwenvl_jax.loading.experts import FusedExpertsReader, split_experts
+from qwenvl_jax.loading.fp8 import as_dtype
+from qwenvl_jax.loading.load import (
+    fp8_quantization,
+    ghost,
+    import_tensor,
+    open_weights,
+    plan_import,
+    read_hf_config,
+)
 from qwenvl_jax.loading.mapping import Mapping as WeightMapping
 from qwenvl_jax.loading.mapping import mapping_for
-from qwenvl_jax.loading.reader import TensorReader, open_checkpoint
+from qwenvl_jax.loading.reader import TensorReader
 from qwenvl_jax.loading.writer import write_safetensors
+from qwenvl_jax.models.build import build_model
 from qwenvl_jax.models.mtp import fit_mtp
 
 logger = logging.getLogger(__name__)
@@ -63,35 +72,6 @@ class ConversionResult:
 
 
 # ----------------------------------------------------------------------------- config.json
-
-
-def read_hf_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """config.json of a checkpoint folder as a dict (ConfigError when missing or broken)."""
-    path = Path(folder) / "config.json"
-    if not Path(folder).is_dir():
-        raise InputError(f"{folder}: no such checkpoint folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{folder}: no config.json (not a checkpoint folder)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: not a JSON object")
-    return config
-
-
-def fp8_quantization(hf_config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The FP8 `quantization_config` of a config, None when unquantised; other schemes raise."""
-    quant = hf_config.get("quantization_config")
-    if not quant:
-        return None
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method != "fp8":
-        raise CheckpointError(
-            f"quantization {method!r} is not supported (only block-wise 'fp8' is dequantised)"
-        )
-    return dict(quant)
 
 
 def checkpoint_dtype(hf_config: Mapping[str, Any]) -> str:
@@ -152,15 +132,7 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _ghost(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A read-only array of `shape` that takes no memory: stands in for a tensor when only the
-    mapping's names and shapes are wanted."""
-    return np.broadcast_to(np.zeros((), as_dtype(dtype)), tuple(shape))
-
-
 def _abstract_params(config: ModelConfig, dtype: str, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    from qwenvl_jax.modeling import build_model
-
     model = build_model(config, dtype=dtype, mesh=mesh, abstract=True)
     return orbax_io.flat_params(model)
 
@@ -179,99 +151,7 @@ def _progress(total: int, desc: str, enabled: bool):
     )
 
 
-def _hub_names(mapping: WeightMapping, abstract: Mapping[str, Any]) -> dict[str, str]:
-    """param path -> the checkpoint key it is stored under (to name missing tensors)."""
-    names = {}
-    for path, sds in abstract.items():
-        try:
-            for key, _ in mapping.export_tensors({path: _ghost(sds.shape, sds.dtype)}):
-                names[path] = key
-        except Exception:  # a parameter that is exported only together with others
-            continue
-    return names
-
-
-def open_weights(
-    src: str | os.PathLike[str], hf_config: Mapping[str, Any], dtype: str
-) -> TensorReader:
-    """A tensor reader over a checkpoint folder; FP8 weights come back dequantised in `dtype`,
-    per-expert MoE tensors fused."""
-    reader: TensorReader = open_checkpoint(src)
-    quant = fp8_quantization(hf_config)
-    if quant is not None:
-        try:
-            reader = Fp8DequantReader(reader, quant, dtype)
-        except BaseException:
-            reader.close()
-            raise
-    try:
-        return fuse_experts(reader)
-    except BaseException:
-        reader.close()
-        raise
-
-
 # ----------------------------------------------------------------------------- HF -> Orbax
-
-
-def plan_import(
-    reader: TensorReader,
-    mapping: WeightMapping,
-    abstract: Mapping[str, Any],
-    *,
-    tied: bool = False,
-) -> list[tuple[str, list[str]]]:
-    """Map every checkpoint key on stand-ins: [(key, [param paths])], in reading order.
-
-    Raises CheckpointError naming the first key that maps nowhere or to the wrong shape, a
-    parameter written twice, or a parameter no key fills (with the key it is stored under).
-    """
-    plan: list[tuple[str, list[str]]] = []
-    filled: dict[str, str] = {}
-    for key in reader:
-        if mapping.is_ignored(key) or (tied and key == "lm_head.weight"):
-            continue
-        info = reader.info(key)
-
-        def target_shape(path: str, key: str = key) -> tuple[int, ...]:
-            if path not in abstract:
-                raise CheckpointError(f"checkpoint key {key!r} maps to unknown parameter {path}")
-            return tuple(abstract[path].shape)
-
-        paths = []
-        for path, a in mapping.import_tensor(key, _ghost(info.shape, info.dtype), target_shape):
-            want = target_shape(path)
-            if tuple(a.shape) != want:
-                raise CheckpointError(
-                    f"checkpoint tensor {key!r} has shape {list(info.shape)}, parameter {path} "
-                    f"expects {list(want)}"
-                )
-            if path in filled:
-                raise CheckpointError(
-                    f"parameter {path} is filled twice, by {filled[path]!r} and {key!r}"
-                )
-            filled[path] = key
-            paths.append(path)
-        plan.append((key, paths))
-    missing = [p for p in abstract if p not in filled]
-    if missing:
-        names = _hub_names(mapping, {p: abstract[p] for p in missing[:1]})
-        first = f"{names[missing[0]]!r} (parameter {missing[0]})" if names else missing[0]
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"checkpoint lacks tensor {first}{more}")
-    return plan
-
-
-def _to_device(a: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
-    """One host tensor -> an array with the target's dtype, placed in the target's shards."""
-    a = np.asarray(a)
-    if a.dtype != target.dtype:
-        a = a.astype(target.dtype)
-    # jax copies strided views (a transposed kernel) straight into the device buffer: no
-    # contiguous host copy first.
-    if target.sharding is None:
-        return jax.device_put(a)
-    return jax.make_array_from_callback(a.shape, target.sharding, lambda idx: a[idx])
 
 
 def _import_groups(
@@ -293,18 +173,10 @@ def _import_groups(
     for keys in orbax_io.group_by_size(sizes, limit):
         group = {}
         for key in keys:
-            group.update(_import_one(key, reader.get(key), mapping, abstract))
+            group.update(import_tensor(key, reader.get(key), mapping, abstract))
             progress(reader.info(key).nbytes)
         yield group
         del group
-
-
-def _import_one(
-    key: str, array: np.ndarray, mapping: WeightMapping, abstract: Mapping[str, Any]
-) -> dict[str, jax.Array]:
-    """One checkpoint tensor -> its placed parameters (the host tensor dies on return)."""
-    outs = mapping.import_tensor(key, array, lambda p: tuple(abstract[p].shape))
-    return {path: _to_device(a, abstract[path]) for path, a in outs}
 
 
 def hf_to_orbax(
@@ -377,7 +249,7 @@ class _Recorder(Mapping):
     def __getitem__(self, path: str) -> np.ndarray:
         sds = self.abstract[path]
         self.order.append(path)
-        return _ghost(sds.shape, self.dtype)
+        return ghost(sds.shape, self.dtype)
 
     def __contains__(self, path: object) -> bool:
         return path in self.abstract
