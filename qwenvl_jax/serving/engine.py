@@ -4,13 +4,17 @@ The cache holds `max_batch` rows of `max_len` slots (k, v: [L, max_batch, max_le
 request owns one row while it runs, and the rows are used as rings. Every decode step writes all
 rows at the same ring slot `write` (then moves it on), and a query attends to every slot of its
 own row that the row's segment ids mark, whatever their order: each row sees only its own keys.
+A hybrid model's (Qwen3.5) linear-attention layers keep, per row, their conv inputs and delta-rule
+state instead (not positional: the ring does not concern them); a row that runs no request feeds
+padding at each step, which leaves them as they are.
 
 A request's prompt is laid out as `qj.generate` lays out a batch of one (`Generator.prepare`:
 left-padded to its prompt-length bucket P), prefilled on its own, and its keys and values are
-laid into the P ring slots before `write` (the rest of its row cleared). Its s-th new token is
-fed with rotary position next_position + s, so each row keeps its own M-RoPE rope delta, and the
-per-row sampling settings (temperature, top_k, top_p, repetition penalty, seed) pick its tokens
-as `qj.generate` would for that request alone. A request needs P + max_tokens <= max_len slots.
+laid into the P ring slots before `write` (the rest of its row cleared), its linear-attention
+states, run from zero, in place of the row's. Its s-th new token is fed with rotary position
+next_position + s, so each row keeps its own M-RoPE rope delta, and the per-row sampling
+settings (temperature, top_k, top_p, repetition penalty, seed) pick its tokens as `qj.generate`
+would for that request alone. A request needs P + max_tokens <= max_len slots.
 
 Programs: the prefill compiles once per (prompt bucket, vision patch bucket, sampling mode), the
 decode step once per set of sampling modes among the running requests; neither depends on which
