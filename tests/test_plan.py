@@ -208,3 +208,44 @@ def test_hlo_reader_takes_instructions_over_several_lines_and_kernel_costs():
     assert flops["once"] == flops["with_trips"] == 2 * 8 * 16 * 4
     # the declared estimate, and splash attention's two matmuls per head over every block
     assert flops["kernels"] == 1000 + 2 * 2 * 2 * 128 * 128 * 16
+
+
+# A counted loop as the TPU compiler writes its windowed einsums (unrolled twice: the counter
+# steps by 2 up to 4, from a start the caller sets), with a 16x32x32 dot in the body.
+STRIDED_LOOP = """
+%cond (p: (s32[], f32[16,32], f32[32,32])) -> pred[] {
+  %p = (s32[], f32[16,32], f32[32,32]) parameter(0)
+  %bound = s32[] constant(4)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %bound), direction=LT
+}
+
+%body (q: (s32[], f32[16,32], f32[32,32])) -> (s32[], f32[16,32], f32[32,32]) {
+  %q = (s32[], f32[16,32], f32[32,32]) parameter(0)
+  %i.1 = s32[] get-tuple-element(%q), index=0
+  %x = f32[16,32]{1,0} get-tuple-element(%q), index=1
+  %w = f32[32,32]{1,0} get-tuple-element(%q), index=2
+  %step = s32[] constant(STEP)
+  %next = s32[] add(%i.1, %step)
+  %y = f32[16,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], f32[16,32], f32[32,32]) tuple(%next, /*index=1*/%y, %w)
+}
+
+ENTRY %main (x0: f32[16,32], w0: f32[32,32]) -> f32[16,32] {
+  %x0 = f32[16,32]{1,0} parameter(0)
+  %w0 = f32[32,32]{1,0} parameter(1)
+  %start = s32[] constant(START)
+  %init = (s32[], f32[16,32], f32[32,32]) tuple(%start, %x0, %w0)
+  %loop = (s32[], f32[16,32], f32[32,32]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[16,32]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+@pytest.mark.parametrize("start, step, trips", [(0, 1, 4), (0, 2, 2), (1, 2, 2), (1, 1, 3)])
+def test_hlo_flops_count_strided_loops_by_their_real_trip_counts(start, step, trips):
+    text = STRIDED_LOOP.replace("START", str(start)).replace("STEP", str(step))
+    flops = hlo_matmul_flops(text)
+    assert flops["once"] == 2 * 16 * 32 * 32
+    assert flops["with_trips"] == trips * flops["once"]
+    assert flops["unknown_loops"] == 0

@@ -281,22 +281,85 @@ def _conv_flops(out: list[int], rhs: list[int] | None, rest: str) -> float:
     return 2.0 * math.prod(out) * per_output
 
 
-def _trip_count(comps: dict[str, list[tuple]], condition: str, rest: str) -> int | None:
-    """A while loop's trip count: the backend's known_trip_count, else the constant bound of a
-    counted loop's `i < N` condition (the form fori_loop and scan lower to)."""
+def _trip_count(
+    comps: dict[str, list[tuple]],
+    condition: str,
+    rest: str,
+    body: str | None = None,
+    caller: str | None = None,
+) -> int | None:
+    """A while loop's trip count: the backend's known_trip_count, else that of a counted loop
+    `i < N` over a tuple element the body steps by a constant (the TPU compiler's windowed
+    einsums, unrolled twice, step by 2) from its initial value in the caller (0 if not a
+    constant): ceil((N - start) / step)."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
     if m:
         return int(m.group(1))
-    body = comps.get(condition, [])
-    consts = {name: r for name, _, op, r in body if op == "constant"}
-    for _, _, op, r in body:
-        if op == "compare" and "direction=LT" in r:
-            for operand in _operands(r):
-                if operand in consts:
-                    value = re.match(r"\s*(-?\d+)\)", consts[operand])
-                    if value:
-                        return int(value.group(1))
+    cond = comps.get(condition, [])
+    consts = {name: _constant(r) for name, _, op, r in cond if op == "constant"}
+    gtes = {name: _tuple_index(r) for name, _, op, r in cond if op == "get-tuple-element"}
+    for _, _, op, r in cond:
+        if op != "compare" or "direction=LT" not in r:
+            continue
+        args = _operands(r)
+        if len(args) != 2 or consts.get(args[1]) is None:
+            continue
+        bound, k = consts[args[1]], gtes.get(args[0])
+        start, step = 0, 1
+        if k is not None:
+            step = _counter_step(comps.get(body or "", []), k) or 1
+            start = _initial_element(comps.get(caller or "", []), rest, k) or 0
+        return max(0, -(-(bound - start) // step))
     return None
+
+
+def _constant(rest: str) -> int | None:
+    m = re.match(r"\s*(-?\d+)\)", rest)
+    return int(m.group(1)) if m else None
+
+
+def _tuple_index(rest: str) -> int | None:
+    m = re.search(r"index=(\d+)", rest)
+    return int(m.group(1)) if m else None
+
+
+def _tuple_operands(rest: str) -> list[str]:
+    return _operands(re.sub(r"/\*[^*]*\*/", "", rest))
+
+
+def _counter_step(body: list[tuple], k: int) -> int | None:
+    """The constant a loop body adds to tuple element k (None when it does something else)."""
+    roots = [r for _, _, op, r in body if op == "tuple"]
+    if not roots:
+        return None
+    outs = _tuple_operands(roots[-1])
+    if k >= len(outs):
+        return None
+    insts = {name: (op, r) for name, _, op, r in body}
+    op, r = insts.get(outs[k], ("", ""))
+    if op != "add":
+        return None
+    a, b = (_operands(r) + ["", ""])[:2]
+    for x, y in ((a, b), (b, a)):
+        counter = insts.get(x, ("",))[0] == "get-tuple-element" and _tuple_index(insts[x][1]) == k
+        if counter and insts.get(y, ("",))[0] == "constant":
+            return _constant(insts[y][1])
+    return None
+
+
+def _initial_element(caller: list[tuple], rest: str, k: int) -> int | None:
+    """Tuple element k of a while loop's initial value, when the caller builds it from a
+    constant."""
+    init = _operands(rest)[:1]
+    insts = {name: (op, r) for name, _, op, r in caller}
+    op, r = insts.get(init[0], ("", "")) if init else ("", "")
+    if op != "tuple":
+        return None
+    elements = _tuple_operands(r)
+    if k >= len(elements):
+        return None
+    op, r = insts.get(elements[k], ("", ""))
+    return _constant(r) if op == "constant" else None
 
 
 # matmuls of T x S x head_dim per head in each splash attention kernel: the forward (scores,
@@ -349,7 +412,11 @@ def hlo_matmul_flops(text: str) -> dict[str, float]:
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
                 cond = re.search(r"condition=%?([\w.\-]+)", rest)
-                n = _trip_count(comps, cond.group(1), rest) if cond else None
+                n = (
+                    _trip_count(comps, cond.group(1), rest, body and body.group(1), name)
+                    if cond
+                    else None
+                )
                 if n is None:
                     unknown.add(inst)
                 inner = cost(body.group(1), trips, kernels) if body else 0.0
