@@ -249,3 +249,22 @@ def test_hlo_flops_count_strided_loops_by_their_real_trip_counts(start, step, tr
     assert flops["once"] == 2 * 16 * 32 * 32
     assert flops["with_trips"] == trips * flops["once"]
     assert flops["unknown_loops"] == 0
+
+
+KERNELS = """
+ENTRY %main (x: bf16[256,128], w: bf16[4,128,128]) -> bf16[256,128] {
+  %x = bf16[256,128]{1,0} parameter(0)
+  %w = bf16[4,128,128]{2,1,0} parameter(1)
+  %gmm.3 = bf16[256,128]{1,0} custom-call(%x, %w), custom_call_target="tpu_custom_call",
+    backend_config={"custom_call_config": {"cost_estimate":{"flops":"8000"}}}
+  ROOT %other.1 = bf16[256,128]{1,0} custom-call(%gmm.3, %w), custom_call_target="tpu_custom_call",
+    backend_config={"custom_call_config": {"cost_estimate":{"flops":"1000"}}}
+}
+"""
+
+
+def test_expert_kernels_count_the_share_of_rows_routed_to_the_chip():
+    # under expert parallelism the grouped matmuls are handed every gathered token copy but
+    # compute only those of the chip's own experts; other kernels count what they declare
+    assert hlo_matmul_flops(KERNELS)["kernels"] == 9000
+    assert hlo_matmul_flops(KERNELS, routed_share=1 / 8)["kernels"] == 8000 / 8 + 1000

@@ -377,14 +377,22 @@ def _splash_flops(name: str, q: list[int] | None, k: list[int] | None) -> float:
     return 2.0 * _SPLASH_MATMULS[kind] * q[0] * q[1] * k[1] * q[2]
 
 
-def hlo_matmul_flops(text: str) -> dict[str, float]:
+# the grouped-matmul kernels of the experts: given every token copy gathered over the expert
+# axis, they compute only the rows routed to this chip's experts (the rest sort last and fall
+# outside the group sizes), but declare the cost of all of them
+_EXPERT_KERNELS = ("gmm", "tgmm")
+
+
+def hlo_matmul_flops(text: str, routed_share: float = 1.0) -> dict[str, float]:
     """The matmul FLOPs of a compiled module's HLO text, per device: dots, ragged dots and
     convolutions, `once` counting each while body once (as XLA's cost analysis does) and
     `with_trips` counting it its trip count times; conditionals count their costliest branch.
     `kernels`: the FLOPs that custom calls (Pallas kernels) declare in their cost estimates (for
     splash attention, which declares none, its matmuls over all blocks), with trip counts (XLA's
     cost analysis leaves kernels out). `unknown_loops`: loops whose trip count
-    could not be read (counted once)."""
+    could not be read (counted once). `routed_share`: the share of the gathered token copies
+    that the expert kernels compute on one chip (1 / the expert axis under balanced routing).
+    """
     comps, entry = _parse_hlo(text)
     memo: dict[tuple[str, bool, bool], float] = {}
     unknown: set[str] = set()
@@ -406,7 +414,8 @@ def hlo_matmul_flops(text: str) -> dict[str, float]:
             elif op == "custom-call" and kernels:
                 m = _KERNEL_FLOPS.search(rest)
                 if m:
-                    total += float(m.group(1))
+                    expert = inst.split(".")[0] in _EXPERT_KERNELS
+                    total += float(m.group(1)) * (routed_share if expert else 1.0)
                 elif inst.startswith("splash_mha_") and len(args) > 3:
                     total += _splash_flops(inst, shapes.get(args[2]), shapes.get(args[3]))
             if op == "while":
@@ -546,7 +555,7 @@ def plan(cfg: TrainConfig, topology_name: str, hlo_path: str | None = None) -> d
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo)
-    flops = hlo_matmul_flops(hlo)
+    flops = hlo_matmul_flops(hlo, routed_share=1.0 / mesh.shape["expert"])
     scale = flops["with_trips"] / flops["once"] if flops["once"] else 1.0
     kernels_s = flops["kernels"] / topo.peak_flops  # Pallas kernels, at peak: their own estimate
     if float(cost.get("optimal_seconds", -1)) > 0:  # the TPU compiler gives -2 when it has none
