@@ -40,6 +40,72 @@ _MODEL_TYPE_TO_FAMILY = {
 }
 LAYER_TYPES = ("full_attention", "linear_attention")
 PRESET_DIR = config_dir("models")
+VIDEO_TIMES = ("none", "index", "seconds", "timestamps")
+BOX_FORMATS = ("ref_tags", "ref_tokens", "json_input_pixels", "json_relative")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What sets a family apart beyond its config.json, named, so that code asks for the
+    capability instead of testing the family: a new family is a row of `CAPABILITIES`, its config
+    fields and its layers, not more branches. Differences the config's own fields tell are fields
+    of TextConfig (norm_zero_centered, attn_output_gate, mrope_interleaved, layer_types,
+    num_experts, ...) and of VisionConfig (`norm`, `gated_mlp`, `patch_bias`, `window_attention`,
+    deepstack_visual_indexes, ...)."""
+
+    # Whole fixed-size images through a resampler (Qwen-VL v1, `V1VisionConfig`): no patch grid
+    # and no video; batches budget images instead of patches.
+    fixed_size_images: bool = False
+    # How a video's time reaches the model (VIDEO_TIMES): "none" (no video); "index" (the temporal
+    # M-RoPE index counts temporal patches); "seconds" (it counts seconds: the vision config's
+    # tokens_per_second times the processor's `second_per_grid_ts`); "timestamps" (a
+    # "<t seconds>" text before each temporal patch, which is its own vision block and M-RoPE
+    # item).
+    video_time: str
+    # Frame sampling and video preprocessing defaults ("qwen2" | "qwen3", as HF's video
+    # processors of Qwen2-VL and Qwen3-VL); None without video.
+    video_sampling: str | None
+    # How its answers write boxes (BOX_FORMATS, see `qwenvl_jax.grounding`): "ref_tags"
+    # `<ref>..</ref><box>(x1,y1),(x2,y2)</box>` in [0, 1000); "ref_tokens" the same with the
+    # `<|object_ref_start|>` .. `<|box_end|>` special tokens; "json_input_pixels" JSON `bbox_2d`
+    # in pixels of the resized input image; "json_relative" JSON `bbox_2d` in [0, 1000]. None:
+    # no format established for the family.
+    box_format: str | None
+    # The family whose processor (chat template, image and video preprocessing) its checkpoints
+    # use, when not its own (as transformers' processing_auto maps them).
+    processor: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.video_time not in VIDEO_TIMES:
+            raise ConfigError(f"unknown video_time {self.video_time!r} (one of {VIDEO_TIMES})")
+        if self.box_format is not None and self.box_format not in BOX_FORMATS:
+            raise ConfigError(f"unknown box_format {self.box_format!r} (one of {BOX_FORMATS})")
+
+
+_QWEN3_VL = Capabilities(
+    video_time="timestamps", video_sampling="qwen3", box_format="json_relative"
+)
+CAPABILITIES = {
+    "qwen_vl": Capabilities(
+        fixed_size_images=True, video_time="none", video_sampling=None, box_format="ref_tags"
+    ),
+    "qwen2_vl": Capabilities(video_time="index", video_sampling="qwen2", box_format="ref_tokens"),
+    "qwen2_5_vl": Capabilities(
+        video_time="seconds", video_sampling="qwen2", box_format="json_input_pixels"
+    ),
+    "qwen3_vl": _QWEN3_VL,
+    "qwen3_vl_moe": _QWEN3_VL,
+    "qwen3_5": dataclasses.replace(_QWEN3_VL, box_format=None, processor="qwen3_vl"),
+    "qwen3_5_moe": dataclasses.replace(_QWEN3_VL, box_format=None, processor="qwen3_vl"),
+}
+
+
+def capabilities(family: str) -> Capabilities:
+    """The capabilities of a family (see `Capabilities`)."""
+    if family not in CAPABILITIES:
+        raise ConfigError(f"unknown model family {family!r} (one of {FAMILIES})")
+    return CAPABILITIES[family]
+
 
 # Fields that may be 0 (off); every other int field must be >= 1 and every float field > 0.
 _MAY_BE_ZERO = {
@@ -191,11 +257,26 @@ class TextConfig:
         )
 
 
+@dataclass(frozen=True)
+class _Tower:
+    norm: str  # "layernorm" | "rmsnorm"
+    gated_mlp: bool  # SwiGLU MLP instead of fc1 -> act -> fc2
+    patch_bias: bool  # bias on the patch embedding
+
+
+# The block layers of each ViT kind (what its config.json does not say).
+_TOWERS = {
+    "qwen2_vl": _Tower(norm="layernorm", gated_mlp=False, patch_bias=False),
+    "qwen2_5_vl": _Tower(norm="rmsnorm", gated_mlp=True, patch_bias=False),
+    "qwen3_vl": _Tower(norm="layernorm", gated_mlp=False, patch_bias=True),
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class VisionConfig:
     """The native-resolution ViT of Qwen2-VL, Qwen2.5-VL and Qwen3-VL."""
 
-    kind: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
+    kind: str  # one of _TOWERS: "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
     depth: int
     hidden_size: int  # ViT width
     out_hidden_size: int  # LLM width
@@ -217,6 +298,8 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if self.kind not in _TOWERS:
+            raise ConfigError(f"unknown vision kind {self.kind!r} (one of {tuple(_TOWERS)})")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"vision hidden_size {self.hidden_size} is not a multiple of num_heads "
@@ -233,15 +316,21 @@ class VisionConfig:
 
     @property
     def norm(self) -> str:
-        return "rmsnorm" if self.kind == "qwen2_5_vl" else "layernorm"
+        return _TOWERS[self.kind].norm
 
     @property
     def gated_mlp(self) -> bool:
-        return self.kind == "qwen2_5_vl"
+        return _TOWERS[self.kind].gated_mlp
 
     @property
     def patch_bias(self) -> bool:
-        return self.kind == "qwen3_vl"
+        return _TOWERS[self.kind].patch_bias
+
+    @property
+    def window_attention(self) -> bool:
+        """Blocks other than fullatt_block_indexes attend within windows of window_size pixels
+        (Qwen2.5-VL)."""
+        return self.window_size > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,6 +372,18 @@ class ModelConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
 
+    def __post_init__(self) -> None:
+        caps = capabilities(self.family)
+        if caps.fixed_size_images != isinstance(self.vision, V1VisionConfig):
+            raise ConfigError(
+                f"a {self.family} model needs a "
+                f"{'V1VisionConfig' if caps.fixed_size_images else 'VisionConfig'}"
+            )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return capabilities(self.family)
+
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
@@ -291,8 +392,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        family = d["family"]
-        vcls = V1VisionConfig if family == "qwen_vl" else VisionConfig
+        vcls = V1VisionConfig if capabilities(d["family"]).fixed_size_images else VisionConfig
         return cls(
             **{k: v for k, v in d.items() if k not in ("text", "vision")},
             text=_build(TextConfig, d["text"]),
@@ -366,7 +466,7 @@ def from_hf(hf: dict) -> ModelConfig:
         if hf.get(sub) is not None:
             _check_raw(hf[sub], f"{sub}.")
     try:
-        if family == "qwen_vl":
+        if capabilities(family).fixed_size_images:
             return _from_hf_v1(hf)
         return _from_hf_modern(hf, family)
     except KeyError as e:
@@ -579,11 +679,16 @@ def presets() -> list[str]:
 
 
 __all__ = [
+    "BOX_FORMATS",
+    "CAPABILITIES",
     "FAMILIES",
+    "VIDEO_TIMES",
+    "Capabilities",
     "ModelConfig",
     "TextConfig",
     "V1VisionConfig",
     "VisionConfig",
+    "capabilities",
     "family_of",
     "from_hf",
     "load_config",

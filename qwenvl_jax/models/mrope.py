@@ -4,8 +4,9 @@ Per sequence, with padding removed by the attention mask: a text token advances 
 an image or video item of merged grid (T', H', W') gets t = cur + floor(i * interval),
 h = cur + row, w = cur + col, and the text after it starts at the item's largest position + 1 (the
 rule of the released checkpoints; transformers 5 uses cur + max(H', W') instead, which differs for
-Qwen2/2.5 videos whose scaled temporal index exceeds max(H', W')). Qwen3 treats every video frame
-as its own item (timestamps in the text separate them).
+Qwen2/2.5 videos whose scaled temporal index exceeds max(H', W')). How a video's t advances is the
+family's `video_time` capability: by temporal patch ("index"), by seconds times tokens_per_second
+("seconds"), or every temporal patch its own item ("timestamps": texts in between separate them).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from qwenvl_jax.config import ModelConfig
 def _items(cfg: ModelConfig, grid: np.ndarray | None, video: bool, spg: np.ndarray | None):
     """(T', H', W', interval) per vision item of one kind, in order."""
     m = cfg.vision.spatial_merge_size
+    video_time = cfg.capabilities.video_time
     out = []
     for i, (t, h, w) in enumerate(np.asarray(grid if grid is not None else np.zeros((0, 3)))):
         t, h, w = int(t), int(h) // m, int(w) // m
-        if video and cfg.family.startswith("qwen3"):
+        if video and video_time == "timestamps":
             out += [(1, h, w, 1.0)] * t
-        elif video and cfg.family == "qwen2_5_vl":
+        elif video and video_time == "seconds":
             s = float(spg[i]) if spg is not None else 1.0
             out.append((t, h, w, s * cfg.vision.tokens_per_second))
         else:

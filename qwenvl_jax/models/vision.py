@@ -166,11 +166,10 @@ class VisionTower(nnx.Module):
         freqs = np.tile(inv_freq(hd // 2, cfg.rope_theta), 2)  # (h then w) x hd/4 frequencies
         pos = jnp.moveaxis(batch.pos_hw, 1, 0)  # [2, G, N]
         angles = rope_angles(pos, freqs, np.repeat(np.arange(2), hd // 4))
-        windowed = cfg.kind == "qwen2_5_vl"
         unperm = batch.unperm[..., None]
         deepstack = []
         for i, block in enumerate(self.blocks):
-            full = not windowed or i in cfg.fullatt_block_indexes
+            full = not cfg.window_attention or i in cfg.fullatt_block_indexes
             seg = batch.segment_ids if full else batch.window_segment_ids
             with jax.named_scope(f"vit_block_{i}"):
                 x = call_block(block, self.remat, x, angles, seg)

@@ -119,8 +119,7 @@ def make_vision_batch(
     if n > N or N % unit:
         raise ValueError(f"cannot pad {n} patches to {N}")
 
-    windowed = cfg.kind == "qwen2_5_vl"
-    win = cfg.window_size // m // cfg.patch_size if windowed else 0
+    win = cfg.window_size // m // cfg.patch_size  # merged tokens per window side
     pos, seg, wseg, merged_order = [], [], [], []
     frame, window, offset = 0, 0, 0
     for t, h, w in grids:
@@ -128,7 +127,7 @@ def make_vision_batch(
         item_pos = np.stack([np.tile(rows, t), np.tile(cols, t)])  # [2, t*h*w]
         item_seg = np.repeat(np.arange(frame + 1, frame + t + 1), h * w)
         frame += t
-        if windowed:
+        if cfg.window_attention:
             order, wid = _window_order(t, h, w, m, win)
             window_of_token = wid + window + 1
             window += int(wid.max()) + 1
