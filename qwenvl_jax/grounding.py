@@ -9,6 +9,9 @@ pixel boxes into training targets the same way the family's checkpoints were tra
   fence); absolute pixels of the model's input image (the smart-resized size).
 - qwen3_vl, qwen3_vl_moe: the same JSON; integers in [0, 1000].
 
+A family's format is its `box_format` capability (qwenvl_jax.config.Capabilities); the functions
+here take the family and work by that format.
+
 `image_size` is always `(width, height)` of the picture the boxes are wanted in (the original
 image). For qwen2_5_vl, `input_size` is the `(width, height)` the processor resized it to;
 by default that of the released preprocessor configs (`smart_resize`, 28 px, 3136 to 12845056
@@ -22,31 +25,45 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 
+from qwenvl_jax.config import CAPABILITIES
 from qwenvl_jax.errors import InputError
 
 Box = tuple[int, int, int, int]
-RELATIVE = 1000  # the [0, 1000) grid of qwen_vl, qwen2_vl and qwen3_vl
+RELATIVE = 1000  # the [0, 1000) grid of the tag formats and "json_relative"
+# The tags of the two tag formats: reference open / close, box open / close.
 _TAGS = {
-    "qwen_vl": ("<ref>", "</ref>", "<box>", "</box>"),
-    "qwen2_vl": ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"),
+    "ref_tags": ("<ref>", "</ref>", "<box>", "</box>"),
+    "ref_tokens": ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"),
 }
-_JSON = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-FAMILIES = (*_TAGS, *_JSON)
+# The families with a box format, in qwenvl_jax.config.FAMILIES order.
+FAMILIES = tuple(f for f, c in CAPABILITIES.items() if c.box_format is not None)
 # Qwen2.5-VL's released preprocessor_config.json
 _QWEN25_RESIZE = dict(factor=28, min_pixels=3136, max_pixels=12845056)
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
 
 
-def _check(family: str, image_size: Sequence[int]) -> tuple[int, int]:
+def box_format(family: str) -> str:
+    """The family's box format (the `box_format` capability); InputError for a family without."""
     if family not in FAMILIES:
         raise InputError(f"unknown family {family!r} for boxes (one of {FAMILIES})")
+    return CAPABILITIES[family].box_format
+
+
+def in_input_pixels(family: str) -> bool:
+    """Whether the family's boxes are pixels of the processor's resized input image (then
+    `input_size` matters); False for other families, those without a box format included."""
+    return family in FAMILIES and box_format(family) == "json_input_pixels"
+
+
+def _check(family: str, image_size: Sequence[int]) -> tuple[str, tuple[int, int]]:
+    fmt = box_format(family)
     try:
         w, h = (int(v) for v in image_size)
     except (TypeError, ValueError):
         raise InputError(f"image_size must be (width, height), got {image_size!r}") from None
     if w <= 0 or h <= 0:
         raise InputError(f"image_size must be positive, got {image_size!r}")
-    return w, h
+    return fmt, (w, h)
 
 
 def _input_size(image_size: tuple[int, int], input_size: Sequence[int] | None) -> tuple[int, int]:
@@ -68,20 +85,18 @@ def parse_boxes(
     """Every box in `text` as (label, (x1, y1, x2, y2)) in pixels of image_size = (width,
     height), in the order they appear; label "" when no reference names the box. Relative
     coordinates map to pixels as the original drawing code does: int(v / 1000 * size)."""
-    w, h = _check(family, image_size)
-    if family in _TAGS:
-        raw = _parse_tags(text, *_TAGS[family])
-        scale = (w / RELATIVE, h / RELATIVE)
+    fmt, (w, h) = _check(family, image_size)
+    absolute = fmt == "json_input_pixels"
+    if fmt in _TAGS:
+        raw = _parse_tags(text, *_TAGS[fmt])
     else:
         raw = _parse_json(text)
-        if family == "qwen2_5_vl":
-            iw, ih = _input_size((w, h), input_size)
-            scale = (w / iw, h / ih)
-        else:
-            scale = (w / RELATIVE, h / RELATIVE)
+    if absolute:
+        iw, ih = _input_size((w, h), input_size)
+        scale = (w / iw, h / ih)
     out = []
     for label, (x1, y1, x2, y2) in raw:
-        if family == "qwen2_5_vl":
+        if absolute:
             px = (
                 round(x1 * scale[0]),
                 round(y1 * scale[1]),
@@ -165,12 +180,12 @@ def format_box(
 ) -> str:
     """One box as the family's answers write it (a JSON object for the JSON families).
     box_px: (x1, y1, x2, y2) in pixels of image_size = (width, height)."""
-    w, h = _check(family, image_size)
+    fmt, (w, h) = _check(family, image_size)
     if len(box_px) != 4:
         raise InputError(f"a box is (x1, y1, x2, y2), got {box_px!r}")
     x1, y1, x2, y2 = (float(v) for v in box_px)
-    if family in _TAGS:
-        ref_open, ref_close, box_open, box_close = _TAGS[family]
+    if fmt in _TAGS:
+        ref_open, ref_close, box_open, box_close = _TAGS[fmt]
         top = RELATIVE - 1  # [0, 1000)
         c = (
             _relative(x1, w, top),
@@ -180,7 +195,7 @@ def format_box(
         )
         ref = f"{ref_open}{label}{ref_close}" if label else ""
         return f"{ref}{box_open}({c[0]},{c[1]}),({c[2]},{c[3]}){box_close}"
-    if family == "qwen2_5_vl":
+    if fmt == "json_input_pixels":
         iw, ih = _input_size((w, h), input_size)
         c = (round(x1 * iw / w), round(y1 * ih / h), round(x2 * iw / w), round(y2 * ih / h))
     else:
@@ -203,7 +218,8 @@ def format_boxes(
     """Several (label, box_px) as one answer: consecutive tags for qwen_vl / qwen2_vl (boxes
     with the same label after one reference), a ```json fenced list for the JSON families."""
     items = list(items)
-    if family in _JSON:
+    fmt = box_format(family)
+    if fmt not in _TAGS:
         objects = [
             format_box(label, box, family, image_size, input_size=input_size)
             for label, box in items
@@ -213,7 +229,7 @@ def format_boxes(
     for label, box in items:
         text = format_box(label, box, family, image_size)
         if label and label == previous:  # one reference, several boxes
-            text = text[text.index(_TAGS[family][2]) :]
+            text = text[text.index(_TAGS[fmt][2]) :]
         parts.append(text)
         previous = label
     return "".join(parts)

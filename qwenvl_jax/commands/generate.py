@@ -144,9 +144,11 @@ def _default_dtype() -> str:
 
 
 def input_size_fn(processor: Any, family: str) -> Callable[[int, int], tuple[int, int]] | None:
-    """For qwen2_5_vl, whose boxes are pixels of the resized input: (width, height) of an image
-    -> the (width, height) this processor resizes it to. None for the other families."""
-    if family != "qwen2_5_vl":
+    """For a family whose boxes are pixels of the resized input (qwen2_5_vl): (width, height) of
+    an image -> the (width, height) this processor resizes it to. None for the other families."""
+    from qwenvl_jax.grounding import in_input_pixels
+
+    if not in_input_pixels(family):
         return None
     from qwenvl_jax.processing.image import smart_resize
 

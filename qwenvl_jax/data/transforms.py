@@ -36,6 +36,7 @@ import numpy as np
 from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.data.sources import Blob, RawRecord, image_input, malformed, record_messages
 from qwenvl_jax.data.stats import NO_TARGET, TOO_LONG, SampleError
+from qwenvl_jax.grounding import format_box, in_input_pixels
 from qwenvl_jax.models.mrope import get_rope_index
 from qwenvl_jax.processing.image import load_image, smart_resize
 
@@ -125,7 +126,7 @@ class SampleTransform:
 
     def example(self, messages: list[dict[str, Any]]) -> Example:
         messages = self.format_boxes(messages)
-        if self.family == "qwen_vl":
+        if self.config.capabilities.fixed_size_images:
             return self._v1_example(messages)
         with _processor_media(messages) as ready:
             texts, is_reply = self.segments(ready)
@@ -233,7 +234,6 @@ class SampleTransform:
             for m in messages
         ):
             return messages
-        from qwenvl_jax.grounding import format_box
 
         sizes: list[tuple[int, int]] = []
         out = []
@@ -265,9 +265,9 @@ class SampleTransform:
         return out
 
     def _input_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
-        """(width, height) the processor resizes an image of `size` to (Qwen2.5-VL's absolute
-        box coordinates are pixels of that image); None for the other families."""
-        if self.family != "qwen2_5_vl":
+        """(width, height) the processor resizes an image of `size` to, for a family whose box
+        coordinates are pixels of that image (Qwen2.5-VL); None for the other families."""
+        if not in_input_pixels(self.family):
             return None
         cfg = self.processor.image_config
         h, w = smart_resize(size[1], size[0], cfg.factor, cfg.min_pixels, cfg.max_pixels)

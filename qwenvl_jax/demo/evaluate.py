@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from qwenvl_jax.config import capabilities
 from qwenvl_jax.grounding import parse_boxes
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,10 @@ def _conversation(image: Image.Image, question: str) -> list[dict[str, Any]]:
 def decode_answer(processor: Any, token_ids: list[int], family: str) -> str:
     """The answer's text with the box tags its family writes kept (stop tokens dropped)."""
     body = [t for t in token_ids if t not in processor.eos_token_ids]
-    if family == "qwen_vl":
+    fmt = capabilities(family).box_format
+    if fmt == "ref_tags":
         return processor.decode(body, keep_box_tags=True)
-    if family == "qwen2_vl":  # <|object_ref_start|> ... <|box_end|> are special tokens
+    if fmt == "ref_tokens":  # <|object_ref_start|> ... <|box_end|> are special tokens
         return processor.decode(body, skip_special_tokens=False)
     return processor.decode(body)
 
