@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from qwenvl_jax.config import CAPABILITIES, capabilities
 from qwenvl_jax.errors import CheckpointError, ConfigError, InputError
 from qwenvl_jax.processing.chat import render_chat_template
 from qwenvl_jax.processing.image import ImageInput, PixelConfig, preprocess_images
@@ -36,15 +37,15 @@ from qwenvl_jax.processing.video import (
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# The families processed by their own processor of this kind (Qwen-VL v1's is qwen_vl_v1.py).
+FAMILIES = tuple(
+    f for f, c in CAPABILITIES.items() if c.processor is None and not c.fixed_size_images
+)
 _FAMILY_OF_PROCESSOR_CLASS = {
     "Qwen2VLProcessor": "qwen2_vl",
     "Qwen2_5_VLProcessor": "qwen2_5_vl",
     "Qwen3VLProcessor": "qwen3_vl",
 }
-# Model families that use another family's processor (as transformers' processing_auto maps
-# them): Qwen3.5 and Qwen3.5-MoE checkpoints are processed by Qwen3-VL's.
-_PROCESSOR_FAMILY = {"qwen3_5": "qwen3_vl", "qwen3_5_moe": "qwen3_vl"}
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
@@ -163,6 +164,7 @@ class Processor:
         if family not in FAMILIES:
             raise ConfigError(f"unsupported model family {family!r}; expected one of {FAMILIES}")
         self.family = family
+        self.capabilities = capabilities(family)
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.image_config = image_config
@@ -213,7 +215,8 @@ class Processor:
             processor = module.QwenVLProcessor.from_pretrained(path)
             processor.generation_config = read_json(path / "generation_config.json") or {}
             return processor
-        family = _PROCESSOR_FAMILY.get(family, family)
+        if family in CAPABILITIES:  # a family processed by another's processor (Qwen3.5)
+            family = CAPABILITIES[family].processor or family
         if family not in FAMILIES:
             raise ConfigError(
                 f"{path}: unsupported model_type {family!r}; expected one of {FAMILIES}"
@@ -379,7 +382,7 @@ class Processor:
             "pixel_values_videos": np.concatenate(patches, axis=0),
             "video_grid_thw": np.asarray(grids, dtype=np.int64),
         }
-        if self.family == "qwen2_5_vl":
+        if self.capabilities.video_time == "seconds":
             out["second_per_grid_ts"] = seconds_per_grid
         return out, pads
 
@@ -387,9 +390,9 @@ class Processor:
         self, frames: VideoFrames, grid: tuple[int, int, int], merge: int
     ) -> str:
         t, h, w = grid
-        if self.family not in ("qwen3_vl", "qwen3_vl_moe"):
+        if self.capabilities.video_time != "timestamps":
             return VIDEO_TOKEN * (t * h * w // merge)
-        # Qwen3-VL: each temporal patch is its own "<t seconds>" + vision block
+        # each temporal patch is its own "<t seconds>" + vision block (Qwen3-VL)
         tps = self.video_config.pixels.temporal_patch_size
         seconds = frame_timestamps(frames.indices, frames.fps, tps)
         frame = VISION_START_TOKEN + VIDEO_TOKEN * (h * w // merge) + VISION_END_TOKEN

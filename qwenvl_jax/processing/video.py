@@ -25,6 +25,7 @@ from typing import IO, Any, Literal
 import av
 import numpy as np
 
+from qwenvl_jax.config import capabilities
 from qwenvl_jax.errors import InputError
 from qwenvl_jax.processing.image import (
     ImageInput,
@@ -59,8 +60,9 @@ class VideoConfig:
     def defaults(cls, family: str) -> VideoConfig:
         """HF's video-processor class defaults for a family, except that frames are sampled at
         2 fps for Qwen2/2.5 too (HF's Qwen2VLVideoProcessor keeps every frame unless asked) and
-        the qwen-vl-utils pixel cap is on (`cap_pixels_per_frame`, off unless asked in HF)."""
-        if family in ("qwen3_vl", "qwen3_vl_moe"):
+        the qwen-vl-utils pixel cap is on (`cap_pixels_per_frame`, off unless asked in HF). The
+        family's `video_sampling` capability picks them."""
+        if capabilities(family).video_sampling == "qwen3":
             pixels = PixelConfig(
                 patch_size=16,
                 min_pixels=128 * 32 * 32,
