@@ -46,10 +46,10 @@ class Packer:
         groups: int = 1,
     ) -> None:
         self.config = model_config
-        self.v1 = model_config.family == "qwen_vl"
+        self.fixed_images = model_config.capabilities.fixed_size_images
         self.batch_size, self.seq_len = batch_size, seq_len
         self.max_patches, self.max_images = max_patches, max_images
-        unit = 1 if self.v1 else model_config.vision.spatial_merge_size**2
+        unit = 1 if self.fixed_images else model_config.vision.spatial_merge_size**2
         if groups < 1 or batch_size % groups or max_patches % (unit * groups):
             raise ValueError(
                 f"{groups} vision groups must divide the {batch_size} rows, and max_patches "
@@ -123,7 +123,7 @@ class Packer:
 
     def _vision(self) -> dict[str, np.ndarray]:
         examples = [ex for row in self.rows for ex in row]  # row-major token order
-        if self.v1:
+        if self.fixed_images:
             if not self.max_images:
                 return {}
             size = self.config.vision.image_size

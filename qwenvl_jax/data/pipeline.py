@@ -116,7 +116,7 @@ class DataConfig:
     def patch_budget(self, model_config: ModelConfig, rows: int) -> tuple[int, int]:
         """(max_patches, max_images) of a batch of `rows` rows for this family, defaults filled
         in."""
-        if model_config.family == "qwen_vl":
+        if model_config.capabilities.fixed_size_images:
             images = self.max_images
             if images is None:
                 images = rows * max(1, self.seq_len // 512)
