@@ -236,16 +236,24 @@ def bench_jax(model, processor, convs, new_tokens: int, repeats: int) -> tuple[d
     }, np.asarray([o.token_ids for o in first])
 
 
+def torch_device() -> str:
+    """Where transformers runs: the GPU when torch sees one (as jax does), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> tuple[dict, np.ndarray]:
     """(timings, greedy tokens int[B, new_tokens]) of transformers' `generate()`."""
     import torch
 
     tokens = []
+    device = torch_device()
 
     def run(n: int) -> float:
         start = time.perf_counter()
         inputs = processor(convs, padding_side="left")
-        kw = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+        kw = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in inputs.items()}
         with torch.inference_mode():
             out = model.generate(
                 **kw,
@@ -255,9 +263,11 @@ def bench_hf(model, processor, convs, new_tokens: int, repeats: int) -> tuple[di
                 repetition_penalty=1.0,
                 pad_token_id=processor.pad_token_id,
             )
+        if device == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         assert out.shape[1] - kw["input_ids"].shape[1] == n
-        tokens.append(out[:, kw["input_ids"].shape[1] :].numpy())
+        tokens.append(out[:, kw["input_ids"].shape[1] :].cpu().numpy())
         return seconds
 
     run(2)  # warm-up
@@ -315,6 +325,12 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--json", action="store_true", help="print the numbers as JSON too")
+    p.add_argument(
+        "--hbm-gbs",
+        type=float,
+        help="the device's memory bandwidth in GB/s: report the share of it that batch-1 "
+        "decoding uses to read the weights",
+    )
     args = p.parse_args()
 
     import jax
@@ -328,7 +344,7 @@ def main() -> None:
         family, config = load_hf_config(args.config, tuple(CLASSES))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        hf = write_checkpoint(family, folder, config)
+        hf = write_checkpoint(family, folder, config).to(torch_device())
         # transformers processes Qwen3.5 with Qwen3VLProcessor; so does ours
         processor = qj.Processor.from_pretrained(
             folder, family="qwen3_vl" if family.startswith("qwen3_5") else None
@@ -350,6 +366,14 @@ def main() -> None:
     )
     print(table(results))
     print("greedy tokens: equal on both sides at every batch size")
+    if args.hbm_gbs and 1 in results:  # each decoded token reads every float32 weight once
+        for side, name in (("jax", "qwenvl_jax"), ("hf", "transformers")):
+            gbs = 4 * params * results[1][side]["decode_tokens_per_s"] / 1e9
+            results[1][side]["weights_gbs"] = gbs
+            print(
+                f"batch 1 decode, {name}: {gbs:.0f} GB/s of weights read, "
+                f"{100 * gbs / args.hbm_gbs:.1f}% of {args.hbm_gbs:.0f} GB/s"
+            )
     if args.json:
         print(json.dumps({str(b): r for b, r in results.items()}))
 

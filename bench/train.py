@@ -333,10 +333,11 @@ def time_torch(folder: Path, family: str, rows, steps: int, warmup: int) -> tupl
     import torch
     import transformers
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where jax runs too
     model = getattr(transformers, CLASSES[family]).from_pretrained(folder, dtype=torch.float32)
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
-    kw = {k: torch.from_numpy(v) for k, v in rows.items()}
+    kw = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
     labels = kw["input_ids"].clone()
     moe = family in MOE
     times, losses = [], []
@@ -347,6 +348,8 @@ def time_torch(folder: Path, family: str, rows, steps: int, warmup: int) -> tupl
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t)
         losses.append(loss.item())
