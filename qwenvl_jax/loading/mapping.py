@@ -79,8 +79,26 @@ def _layer_rules(hf: str, ours: str, text: TextConfig) -> list[Rule]:
     return rules
 
 
+# Checkpoint names of each ViT kind (theirs -> ours): the block MLP's layers, the patch merger's
+# layers, and the patch mergers (Qwen3-VL's DeepStack mergers are named like its last one).
+_MERGER_QWEN2 = {"ln_q": "norm", "mlp.0": "fc1", "mlp.2": "fc2"}
+_VIT_NAMES = {
+    "qwen2_vl": ({"fc1": "fc1", "fc2": "fc2"}, _MERGER_QWEN2, ("merger",)),
+    "qwen2_5_vl": (
+        {n: n for n in ("gate_proj", "up_proj", "down_proj")},
+        _MERGER_QWEN2,
+        ("merger",),
+    ),
+    "qwen3_vl": (
+        {"linear_fc1": "fc1", "linear_fc2": "fc2"},
+        {"norm": "norm", "linear_fc1": "fc1", "linear_fc2": "fc2"},
+        ("merger", "deepstack_merger_list.{i}"),
+    ),
+}
+
+
 def _modern_rules(config: ModelConfig) -> list[Rule]:
-    family, text = config.family, config.text
+    text = config.text
     V, L = "model.visual", "model.language_model"
     rules = [
         Rule(f"{V}.patch_embed.proj.{{p}}", "visual.patch_embed.{p}", LINEAR),
@@ -101,50 +119,16 @@ def _modern_rules(config: ModelConfig) -> list[Rule]:
         for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
             rules.append(Rule(f"mtp.{n}.{{p}}", f"mtp.{n}.{{p}}", NORM))
         rules += _layer_rules("mtp.layers.{i}", "mtp.layers.{i}", mtp_text)
-    if family == "qwen2_vl":
-        rules += [
-            Rule(f"{V}.blocks.{{i}}.mlp.fc1.{{p}}", "visual.blocks.{i}.mlp.fc1.{p}", LINEAR),
-            Rule(f"{V}.blocks.{{i}}.mlp.fc2.{{p}}", "visual.blocks.{i}.mlp.fc2.{p}", LINEAR),
-        ]
-    elif family == "qwen2_5_vl":
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            rules.append(
-                Rule(
-                    f"{V}.blocks.{{i}}.mlp.{n}.{{p}}", f"visual.blocks.{{i}}.mlp.{n}.{{p}}", LINEAR
-                )
-            )
-    else:
-        rules += [
-            Rule(f"{V}.blocks.{{i}}.mlp.linear_fc1.{{p}}", "visual.blocks.{i}.mlp.fc1.{p}", LINEAR),
-            Rule(f"{V}.blocks.{{i}}.mlp.linear_fc2.{{p}}", "visual.blocks.{i}.mlp.fc2.{p}", LINEAR),
-        ]
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        rules += [
-            Rule(f"{V}.merger.ln_q.{{p}}", "visual.merger.norm.{p}", NORM),
-            Rule(f"{V}.merger.mlp.0.{{p}}", "visual.merger.fc1.{p}", LINEAR),
-            Rule(f"{V}.merger.mlp.2.{{p}}", "visual.merger.fc2.{p}", LINEAR),
-        ]
-    else:
-        rules += [
-            Rule(f"{V}.merger.norm.{{p}}", "visual.merger.norm.{p}", NORM),
-            Rule(f"{V}.merger.linear_fc1.{{p}}", "visual.merger.fc1.{p}", LINEAR),
-            Rule(f"{V}.merger.linear_fc2.{{p}}", "visual.merger.fc2.{p}", LINEAR),
-            Rule(
-                f"{V}.deepstack_merger_list.{{i}}.norm.{{p}}",
-                "visual.deepstack_merger_list.{i}.norm.{p}",
-                NORM,
-            ),
-            Rule(
-                f"{V}.deepstack_merger_list.{{i}}.linear_fc1.{{p}}",
-                "visual.deepstack_merger_list.{i}.fc1.{p}",
-                LINEAR,
-            ),
-            Rule(
-                f"{V}.deepstack_merger_list.{{i}}.linear_fc2.{{p}}",
-                "visual.deepstack_merger_list.{i}.fc2.{p}",
-                LINEAR,
-            ),
-        ]
+    mlp, merger, mergers = _VIT_NAMES[config.vision.kind]
+    rules += [
+        Rule(f"{V}.blocks.{{i}}.mlp.{hf}.{{p}}", f"visual.blocks.{{i}}.mlp.{ours}.{{p}}", LINEAR)
+        for hf, ours in mlp.items()
+    ]
+    rules += [
+        Rule(f"{V}.{m}.{hf}.{{p}}", f"visual.{m}.{ours}.{{p}}", NORM if ours == "norm" else LINEAR)
+        for m in mergers
+        for hf, ours in merger.items()
+    ]
     return rules
 
 
