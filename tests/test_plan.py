@@ -268,3 +268,20 @@ def test_expert_kernels_count_the_share_of_rows_routed_to_the_chip():
     # compute only those of the chip's own experts; other kernels count what they declare
     assert hlo_matmul_flops(KERNELS)["kernels"] == 9000
     assert hlo_matmul_flops(KERNELS, routed_share=1 / 8)["kernels"] == 8000 / 8 + 1000
+
+
+# A batched matmul as the TPU compiler writes it: a convolution whose window runs over the 4
+# heads of the kernel against a size-1 (padded) input dimension, so each output meets one tap.
+HEADS_CONV = """
+ENTRY %main (x: bf16[2,8,2,16,1], w: bf16[4,8,2,16,1]) -> bf16[2,8,4,8,1] {
+  %x = bf16[2,8,2,16,1]{4,3,2,1,0} parameter(0)
+  %w = bf16[4,8,2,16,1]{4,3,2,1,0} parameter(1)
+  ROOT %c = bf16[2,8,4,8,1]{4,3,2,1,0} convolution(%x, %w), window={size=1x4x2 pad=0_0x3_3x0_0},
+    dim_labels=0b2f1_1o2i0->0b1f2
+}
+"""
+
+
+def test_convolutions_count_only_the_taps_that_meet_the_input():
+    # per output: 16 input features x 2 positions of the '2' window x 1 of the 4 head taps
+    assert hlo_matmul_flops(HEADS_CONV)["once"] == 2 * (2 * 8 * 4 * 8) * 16 * 2

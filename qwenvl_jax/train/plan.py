@@ -271,13 +271,23 @@ def _dot_flops(out: list[int], lhs: list[int] | None, rest: str) -> float:
     return 2.0 * math.prod(out) * k
 
 
-def _conv_flops(out: list[int], rhs: list[int] | None, rest: str) -> float:
-    """Convolutions (TPU writes matmuls as 1x1 convolutions): 2 x output elements x the kernel's
-    elements per output feature (all kernel dims but 'o')."""
-    m = re.search(r"dim_labels=\w+_(\w+)->", rest)
-    if rhs is None or not m or len(m.group(1)) != len(rhs):
+def _conv_flops(
+    out: list[int], rhs: list[int] | None, rest: str, lhs: list[int] | None = None
+) -> float:
+    """Convolutions (TPU writes matmuls as 1x1 convolutions, and batched ones as convolutions
+    whose window runs over a padded batch dimension): 2 x output elements x the kernel taps that
+    meet the input per output feature. A spatial window longer than the input (padding on both
+    sides: each output position meets one input position of a size-1 dimension) counts only the
+    input's length."""
+    m = re.search(r"dim_labels=(\w+)_(\w+)->", rest)
+    if rhs is None or not m or len(m.group(2)) != len(rhs):
         return 0.0
-    per_output = math.prod(d for label, d in zip(m.group(1), rhs) if label != "o")
+    lhs_size = dict(zip(m.group(1), lhs)) if lhs and len(lhs) == len(m.group(1)) else {}
+    per_output = 1
+    for label, d in zip(m.group(2), rhs):
+        if label == "o":
+            continue
+        per_output *= min(d, lhs_size[label]) if label.isdigit() and label in lhs_size else d
     return 2.0 * math.prod(out) * per_output
 
 
@@ -410,7 +420,7 @@ def hlo_matmul_flops(text: str, routed_share: float = 1.0) -> dict[str, float]:
             if op in ("dot", "ragged-dot") and out is not None and args and not kernels:
                 total += _dot_flops(out, shapes.get(args[0]), rest)
             elif op == "convolution" and out is not None and len(args) > 1 and not kernels:
-                total += _conv_flops(out, shapes.get(args[1]), rest)
+                total += _conv_flops(out, shapes.get(args[1]), rest, shapes.get(args[0]))
             elif op == "custom-call" and kernels:
                 m = _KERNEL_FLOPS.search(rest)
                 if m:
