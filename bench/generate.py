@@ -345,10 +345,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         hf = write_checkpoint(family, folder, config).to(torch_device())
-        # transformers processes Qwen3.5 with Qwen3VLProcessor; so does ours
-        processor = qj.Processor.from_pretrained(
-            folder, family="qwen3_vl" if family.startswith("qwen3_5") else None
-        )
+        # Qwen3.5 folders get Qwen3-VL's processor, as transformers gives them Qwen3VLProcessor
+        processor = qj.Processor.from_pretrained(folder)
         processor.eos_token_ids = []  # generate exactly --new-tokens on both sides
         model = qj.from_pretrained(folder, dtype="float32")
         results = {}
