@@ -219,20 +219,46 @@ def experts_parallel(
 
 def _by_expert(
     x: jax.Array, experts: jax.Array, num_experts: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The token copies sorted by expert: (copies float[N*k, D], order int[N*k] (copy i of the
-    sorted rows is flat copy order[i], i.e. token order[i] // k), group_sizes int32[E]). Copies
-    of id E (no expert here) come last, counted in no group."""
-    k = experts.shape[1]
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array], jax.Array]:
+    """The token copies sorted by expert: (copies float[N*k, D], (order, inverse) (copy i of the
+    sorted rows is flat copy order[i], i.e. token order[i] // k; inverse undoes order),
+    group_sizes int32[E]). Copies of id E (no expert here) come last, counted in no group.
+
+    The copies are the tokens repeated k times and permuted: the gradient sums each token's k
+    copies and permutes back, with no scatter (a TPU scatter-add of [N*k, D] rows builds an
+    index per element)."""
+    N, k = experts.shape
     flat_experts = experts.reshape(-1)  # [N*k]
     order = jnp.argsort(flat_experts, stable=True)
+    inverse = jnp.argsort(order)
     group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
-    return x[order // k], order, group_sizes
+    copies = jnp.broadcast_to(x[:, None], (N, k, x.shape[-1])).reshape(N * k, -1)
+    return _permute_rows(copies, order, inverse), (order, inverse), group_sizes
 
 
-def _unsort(y: jax.Array, order: jax.Array, experts: jax.Array) -> jax.Array:
+def _unsort(y: jax.Array, perm: tuple[jax.Array, jax.Array], experts: jax.Array) -> jax.Array:
     """float[N*k, D] rows sorted by expert -> float[N, k, D] in routing order."""
-    return jnp.zeros_like(y).at[order].set(y).reshape(*experts.shape, -1)
+    order, inverse = perm
+    return _permute_rows(y, inverse, order).reshape(*experts.shape, -1)
+
+
+@jax.custom_vjp
+def _permute_rows(a: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """a[index] for a permutation `index` whose inverse is `inverse`: the gradient is the
+    gather g[inverse], not a scatter-add."""
+    return a[index]
+
+
+def _permute_rows_fwd(a, index, inverse):
+    return a[index], (index, inverse)
+
+
+def _permute_rows_bwd(res, g):
+    index, inverse = res
+    return g[inverse], None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def experts_ragged(
@@ -243,12 +269,12 @@ def experts_ragged(
     x: float[N, D]; experts: int[N, k]; w_gate_up: float[E, D, 2I]; w_down: float[E, I, D]
     -> float[N, k, D], the output of expert experts[n, j] on token n.
     """
-    tokens, order, group_sizes = _by_expert(x, experts, w_gate_up.shape[0])
+    tokens, perm, group_sizes = _by_expert(x, experts, w_gate_up.shape[0])
     h = jax.lax.ragged_dot(tokens, w_gate_up, group_sizes)
     gate, up = jnp.split(h, 2, axis=-1)
     h = ACTIVATIONS[act](gate) * up
     y = jax.lax.ragged_dot(h, w_down, group_sizes)
-    return _unsort(y, order, experts)
+    return _unsort(y, perm, experts)
 
 
 GMM_ROWS = 128  # megablox's default row tile (rows of one group at a time)
@@ -315,7 +341,7 @@ def _experts_gmm(x, experts, w_gate_up, w_down, *, act, interpret):
     # a few copies (decoding) take one tile of their own size, in whole bf16 sublane tiles (16)
     rows = min(GMM_ROWS, -(-M // 16) * 16)
     padded = -(-M // rows) * rows
-    tokens, order, group_sizes = _by_expert(x, experts, w_gate_up.shape[0])
+    tokens, perm, group_sizes = _by_expert(x, experts, w_gate_up.shape[0])
     tokens = jnp.pad(tokens, ((0, padded - M), (0, 0)))
     group_sizes = jnp.append(group_sizes, padded - jnp.sum(group_sizes))
     tiling = _GmmTiling(rows)
@@ -326,7 +352,7 @@ def _experts_gmm(x, experts, w_gate_up, w_down, *, act, interpret):
     h = gmm(tokens, w_gate_up)
     gate, up = jnp.split(h, 2, axis=-1)
     y = gmm(ACTIVATIONS[act](gate) * up, w_down)
-    return _unsort(y[:M], order, experts)
+    return _unsort(y[:M], perm, experts)
 
 
 def experts_tiled(
