@@ -226,7 +226,8 @@ STRIDED_LOOP = """
   %x = f32[16,32]{1,0} get-tuple-element(%q), index=1
   %w = f32[32,32]{1,0} get-tuple-element(%q), index=2
   %step = s32[] constant(STEP)
-  %next = s32[] add(%i.1, %step)
+  %i.2 = s32[] copy(%i.1)
+  %next = s32[] add(COUNTER, %step)
   %y = f32[16,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
   ROOT %t = (s32[], f32[16,32], f32[32,32]) tuple(%next, /*index=1*/%y, %w)
 }
@@ -243,8 +244,10 @@ ENTRY %main (x0: f32[16,32], w0: f32[32,32]) -> f32[16,32] {
 
 
 @pytest.mark.parametrize("start, step, trips", [(0, 1, 4), (0, 2, 2), (1, 2, 2), (1, 1, 3)])
-def test_hlo_flops_count_strided_loops_by_their_real_trip_counts(start, step, trips):
+@pytest.mark.parametrize("counter", ["%i.1", "%i.2"])  # the counter itself, or its copy
+def test_hlo_flops_count_strided_loops_by_their_real_trip_counts(start, step, trips, counter):
     text = STRIDED_LOOP.replace("START", str(start)).replace("STEP", str(step))
+    text = text.replace("COUNTER", counter)
     flops = hlo_matmul_flops(text)
     assert flops["once"] == 2 * 16 * 32 * 32
     assert flops["with_trips"] == trips * flops["once"]

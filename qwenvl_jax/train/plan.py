@@ -346,10 +346,16 @@ def _counter_step(body: list[tuple], k: int) -> int | None:
     if k >= len(outs):
         return None
     insts = {name: (op, r) for name, _, op, r in body}
-    op, r = insts.get(outs[k], ("", ""))
+
+    def source(name: str) -> str:  # through copies (the compiler copies loop counters)
+        while insts.get(name, ("",))[0] in ("copy", "bitcast"):
+            name = (_operands(insts[name][1]) + [""])[0]
+        return name
+
+    op, r = insts.get(source(outs[k]), ("", ""))
     if op != "add":
         return None
-    a, b = (_operands(r) + ["", ""])[:2]
+    a, b = (source(x) for x in (_operands(r) + ["", ""])[:2])
     for x, y in ((a, b), (b, a)):
         counter = insts.get(x, ("",))[0] == "get-tuple-element" and _tuple_index(insts[x][1]) == k
         if counter and insts.get(y, ("",))[0] == "constant":
