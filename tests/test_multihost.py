@@ -102,6 +102,8 @@ def records(workdir: Path) -> list[dict]:
 
 def committed(workdir: Path) -> list[int]:
     folder = workdir / "checkpoints"
+    if not folder.is_dir():
+        return []
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
@@ -122,7 +124,8 @@ def test_two_processes_train_and_resume_after_sigkill(tmp_path):
 
     procs = start(run_dir, cache)
     deadline = time.time() + 500
-    while len(records(run_dir)) < 3:
+    # kill once step 3 is logged and a checkpoint is committed (it is written in the background)
+    while len(records(run_dir)) < 3 or not committed(run_dir):
         assert all(p.poll() is None for p in procs), finish(procs)[0][1][-3000:]
         assert time.time() < deadline, "the run made no progress"
         time.sleep(0.02)
