@@ -399,7 +399,10 @@ class TextModel(nnx.Module):
                     x = x + jnp.where(i < n_deep, d.astype(x.dtype), jnp.zeros((), x.dtype))
                 return (x, arrays), rl
 
-            body = checkpointed(body, self.remat, prevent_cse=False)
+            # Inside a loop the rematerialised forward cannot be merged with the original one;
+            # a loop of one trip is removed by the compiler, and CSE would then merge them and
+            # keep the whole layer's activations (a hybrid decoder's full-attention layers).
+            body = checkpointed(body, self.remat, prevent_cse=hi - lo == 1)
             index = jnp.arange(lo, hi, dtype=jnp.int32)
             slot = jnp.asarray(slot_of[lo:hi], jnp.int32)
             with jax.named_scope(f"layers_{lo}_{hi}"):
