@@ -288,3 +288,19 @@ ENTRY %main (x: bf16[2,8,2,16,1], w: bf16[4,8,2,16,1]) -> bf16[2,8,4,8,1] {
 def test_convolutions_count_only_the_taps_that_meet_the_input():
     # per output: 16 input features x 2 positions of the '2' window x 1 of the 4 head taps
     assert hlo_matmul_flops(HEADS_CONV)["once"] == 2 * (2 * 8 * 4 * 8) * 16 * 2
+
+
+# A matmul batched over two dimensions (heads x chunks) as the TPU compiler writes it: a
+# convolution over a dilated input whose window equals the dilation, one real tap per output.
+DILATED_CONV = """
+ENTRY %main (x: f32[4,4,2,8], w: f32[4,4,8,8]) -> f32[4,4,2,8] {
+  %x = f32[4,4,2,8]{3,2,1,0} parameter(0)
+  %w = f32[4,4,8,8]{3,2,1,0} parameter(1)
+  ROOT %c = f32[4,4,2,8]{3,2,1,0} convolution(%x, %w), window={size=4x4 stride=3x3 lhs_dilate=4x4},
+    dim_labels=01bf_01oi->01bf
+}
+"""
+
+
+def test_dilated_convolutions_count_one_tap_per_window():
+    assert hlo_matmul_flops(DILATED_CONV)["once"] == 2 * (4 * 4 * 2 * 8) * 8

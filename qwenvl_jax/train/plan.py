@@ -278,16 +278,23 @@ def _conv_flops(
     whose window runs over a padded batch dimension): 2 x output elements x the kernel taps that
     meet the input per output feature. A spatial window longer than the input (padding on both
     sides: each output position meets one input position of a size-1 dimension) counts only the
-    input's length."""
+    input's length, and a dilated input only its real positions under the window."""
     m = re.search(r"dim_labels=(\w+)_(\w+)->", rest)
     if rhs is None or not m or len(m.group(2)) != len(rhs):
         return 0.0
     lhs_size = dict(zip(m.group(1), lhs)) if lhs and len(lhs) == len(m.group(1)) else {}
+    dilated = re.search(r"lhs_dilate=([\dx]+)", rest)
+    dilation = [int(x) for x in dilated.group(1).split("x")] if dilated else []
     per_output = 1
     for label, d in zip(m.group(2), rhs):
         if label == "o":
             continue
-        per_output *= min(d, lhs_size[label]) if label.isdigit() and label in lhs_size else d
+        if label.isdigit() and label in lhs_size:
+            # taps on real input: a dilated input (a batched matmul written as a convolution
+            # with lhs_dilate = window) leaves one real position under each window
+            step = dilation[int(label)] if int(label) < len(dilation) else 1
+            d = min(d, lhs_size[label], -(-d // step))
+        per_output *= d
     return 2.0 * math.prod(out) * per_output
 
 
