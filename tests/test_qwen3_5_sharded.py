@@ -48,7 +48,9 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+# Qwen3.5-MoE only in CI (time): its mesh splits the hybrid decoder over fsdp and tensor and its
+# experts over expert; the dense type runs the same code without the experts
+@pytest.mark.parametrize("family", ["qwen3_5_moe"])
 def test_eight_devices_equal_one(family, tmp_path):
     env = {
         **os.environ,
