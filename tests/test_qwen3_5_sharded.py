@@ -1,7 +1,7 @@
-"""Qwen3.5 and Qwen3.5-MoE sharded over 8 simulated CPU devices give what one device gives:
-the logits of a left-padded batch with images (float32, 1e-5 relative) and 32 greedy tokens
-through the cache (the delta rule's recurrent and convolution states included), with the
-weights really split (data 2 x fsdp 2 x tensor 2; the MoE splits its experts over `expert`).
+"""Qwen3.5-MoE sharded over 8 simulated CPU devices gives what one device gives (the script
+takes Qwen3.5 too): the logits of a left-padded batch with images (float32, 1e-5 relative) and
+32 greedy tokens through the cache (the delta rule's recurrent and convolution states included),
+with the weights really split (fsdp 2 x tensor 2 x expert 2).
 
 Runs in a subprocess: the device count is fixed when JAX starts.
 """
