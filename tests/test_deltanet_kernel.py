@@ -3,7 +3,6 @@ equal the JAX scan in float32 (1e-5 relative), outputs, final state and gradient
 Pallas interpret mode; sizes the kernels cannot tile take the scan; and a compile for a TPU
 topology (libtpu, no chip) of the layer's gradient runs both kernels."""
 
-import importlib.util
 import re
 
 import jax
@@ -11,19 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_tpu_kernels import abstract, tpu_kernels
+from test_tpu_kernels import abstract, close, tpu_kernels
 
 from qwenvl_jax.layers.deltanet import GatedDeltaNet, chunk_gated_delta_rule
-from qwenvl_jax.sharding import make_mesh, state_shardings, use_mesh
+from qwenvl_jax.sharding import state_shardings
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-def close(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    scale = float(np.abs(expected).max())
-    assert scale > 0
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)
 
 
 def kernels(fn, *args) -> list[str]:
@@ -116,19 +108,6 @@ def test_sizes_the_kernel_cannot_tile_take_the_scan():
             return chunk_gated_delta_rule(*a[:5], seg, a[5], chunk, interpret=True)
 
         assert bool(kernels(f, *args)) == kernel, (d, chunk)
-
-
-@pytest.fixture
-def v5p_mesh():
-    """A v5p:2x2x2 slice (8 chips) as the mesh (data=2, fsdp=2, tensor=2), at the matmul
-    precision training runs at."""
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip('libtpu is not installed (pip install "qwenvl_jax[tpu]"): no TPU compiler')
-    from qwenvl_jax.train.plan import topology
-
-    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=topology("v5p:2x2x2").devices)
-    with jax.default_matmul_precision("default"), use_mesh(mesh):
-        yield mesh
 
 
 def test_a_tpu_compile_takes_the_kernels(v5p_mesh):

@@ -18,17 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_tpu_kernels import close
 
 from qwenvl_jax.layers.moe import SparseMoE, experts_gmm, experts_ragged, experts_tiled
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-def close(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    scale = float(np.abs(expected).max())
-    assert scale > 0
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale)
 
 
 BACKENDS = {

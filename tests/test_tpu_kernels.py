@@ -2,7 +2,6 @@
 equal the XLA paths in float32 (1e-5 relative), forward and gradients, run here in Pallas
 interpret mode; and a compile for a TPU topology (libtpu, no chip) picks them by platform."""
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -16,7 +15,7 @@ from flax import nnx
 
 from qwenvl_jax.layers.attention import dot_product_attention, splash_attention
 from qwenvl_jax.layers.moe import SparseMoE, experts_gmm, experts_ragged
-from qwenvl_jax.sharding import make_mesh, named_sharding, state_shardings, use_mesh
+from qwenvl_jax.sharding import named_sharding, state_shardings
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -254,20 +253,6 @@ def tpu_kernels(compiled) -> list[str]:
     text = compiled.as_text()
     pattern = r"%(\S+) = [^\n]*custom-call\([^\n]*custom_call_target=\"tpu_custom_call\""
     return re.findall(pattern, text)
-
-
-@pytest.fixture
-def v5p_mesh():
-    """A v5p:2x2x2 slice (8 chips) as the mesh (data=2, fsdp=2, tensor=2), at the matmul
-    precision training runs at (the tests' float32 "highest" asks the bfloat16 kernels for
-    float32 products, which Mosaic refuses)."""
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip('libtpu is not installed (pip install "qwenvl_jax[tpu]"): no TPU compiler')
-    from qwenvl_jax.train.plan import topology
-
-    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=topology("v5p:2x2x2").devices)
-    with jax.default_matmul_precision("default"), use_mesh(mesh):
-        yield mesh
 
 
 def abstract(shape, dtype, mesh, axes):
