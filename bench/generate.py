@@ -77,6 +77,20 @@ IDS = dict(
 )
 
 
+# Qwen3-VL's vision tower at the bench's width (Qwen3.5 uses it without DeepStack)
+QWEN3_VIT = dict(
+    depth=4,
+    hidden_size=256,
+    intermediate_size=768,
+    num_heads=4,
+    out_hidden_size=512,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=576,
+)
+
+
 def hf_config(family: str):
     """A small model: 6 decoder layers of width 512, a 4-block vision tower of width 256."""
     import transformers
@@ -129,32 +143,10 @@ def hf_config(family: str):
                 "mrope_section": [12, 10, 10],
             },
         )
-        vision = dict(
-            depth=4,
-            hidden_size=256,
-            intermediate_size=768,
-            num_heads=4,
-            out_hidden_size=512,
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=576,
-            deepstack_visual_indexes=[1, 2],
-        )
+        vision = dict(QWEN3_VIT, deepstack_visual_indexes=[1, 2])
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **IDS)
     if family.startswith("qwen3_5"):
-        vision = dict(
-            depth=4,
-            hidden_size=256,
-            intermediate_size=768,
-            num_heads=4,
-            out_hidden_size=512,
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=576,
-            hidden_act="gelu_pytorch_tanh",
-        )
+        vision = dict(QWEN3_VIT, hidden_act="gelu_pytorch_tanh")  # Qwen3-VL's, no DeepStack
         return qwen3_5_config(
             family, vocab=151936, ids=IDS, width=512, layers=6, heads=8, vit=vision
         )
