@@ -233,32 +233,13 @@ def _by_expert(
     inverse = jnp.argsort(order)
     group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
     copies = jnp.broadcast_to(x[:, None], (N, k, x.shape[-1])).reshape(N * k, -1)
-    return _permute_rows(copies, order, inverse), (order, inverse), group_sizes
+    return _take_rows(copies, order, inverse), (order, inverse), group_sizes
 
 
 def _unsort(y: jax.Array, perm: tuple[jax.Array, jax.Array], experts: jax.Array) -> jax.Array:
     """float[N*k, D] rows sorted by expert -> float[N, k, D] in routing order."""
     order, inverse = perm
-    return _permute_rows(y, inverse, order).reshape(*experts.shape, -1)
-
-
-@jax.custom_vjp
-def _permute_rows(a: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
-    """a[index] for a permutation `index` whose inverse is `inverse`: the gradient is the
-    gather g[inverse], not a scatter-add."""
-    return a[index]
-
-
-def _permute_rows_fwd(a, index, inverse):
-    return a[index], (index, inverse)
-
-
-def _permute_rows_bwd(res, g):
-    index, inverse = res
-    return g[inverse], None, None
-
-
-_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+    return _take_rows(y, inverse, order).reshape(*experts.shape, -1)
 
 
 def experts_ragged(
@@ -408,21 +389,26 @@ def _tile_layout(
 
 @jax.custom_vjp
 def _take_rows(a: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
-    """a_ext[index], a_ext being `a` with a row of zeros appended (index len(a) reads zeros).
+    """a[index], an index of len(a) reading a row of zeros.
 
-    `inverse` maps each row of `a` to its row of the result (a one-to-one row map), so the
-    gradient is a gather too (the gradient of a gather would otherwise be a scatter-add).
+    `inverse` maps each row of `a` to its row of the result (a one-to-one row map, e.g. the
+    inverse of a permutation), so the gradient is a gather too (the gradient of a gather would
+    otherwise be a scatter-add, which on TPU builds an index per element).
     """
-    return jnp.concatenate([a, jnp.zeros_like(a[:1])])[index]
+    return _rows(a, index)
+
+
+def _rows(a: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
 
 
 def _take_rows_fwd(a, index, inverse):
-    return _take_rows(a, index, inverse), (index, inverse)
+    return _rows(a, index), (index, inverse)
 
 
 def _take_rows_bwd(res, g):
     index, inverse = res
-    return jnp.concatenate([g, jnp.zeros_like(g[:1])])[inverse], None, None
+    return _rows(g, inverse), None, None
 
 
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
