@@ -139,8 +139,15 @@ for mesh_axes, (B, T) in (
         assert gathered == {(E // ep, D, 2 * I), (E // ep, I, D)}, gathered
     else:  # split on experts alone: no weight is gathered at all
         assert not gathered, gathered
-    assert "reduce-scatter" in text
-    print("module ok", mesh_axes, B * T, sorted(gathered))
+    # the copies go to their experts' devices and back by all-to-all: no flat token array [N, D]
+    # nor their ids [N, k] is all-gathered (the layer's input [B, T, D] and the router's [., E]
+    # may be, as any layer's)
+    assert "all-to-all" in text
+    others = [g for g in all_gathers(text) if g not in gathered and len(g) < 3 and g[-1] != E]
+    assert not [g for g in others if g[0] >= B * T], others
+    if mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1:  # the weights' gradients
+        assert "reduce-scatter" in text
+    print("module ok", mesh_axes, B * T, sorted(gathered), others)
 
 # the megablox kernels (interpret mode) and ragged_dot as the per-device backend
 rng = np.random.default_rng(0)
@@ -199,7 +206,8 @@ def test_expert_parallel_equals_one_device():
 
 def test_a_tpu_compile_gathers_no_full_expert_weights():
     """A v5p:2x2x2 slice as the mesh (expert 8): the training step's MoE layer compiles with the
-    gmm kernels on each chip's one expert and no all-gather of expert weights. (The TPU compiler
+    gmm kernels on each chip's one expert, ragged all-to-alls of the token copies and no
+    all-gather of expert weights or tokens. (The TPU compiler
     may lower the small reduce-scatter as an all-reduce, so that is not asserted.)"""
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip('libtpu is not installed (pip install "qwenvl_jax[tpu]"): no TPU compiler')
@@ -236,7 +244,10 @@ def test_a_tpu_compile_gathers_no_full_expert_weights():
     assert sum(n.startswith("tgmm") for n in kernels) == 2, kernels
     results = re.findall(r"= ([^=]*?) all-gather(?:-start)?\(", text)
     shapes = [s for r in results for s in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", r)]
-    assert shapes  # the tokens are gathered
+    # the copies go to the chips of their experts and back by ragged all-to-all (two each way:
+    # forward, and the gradient's), and no token row is all-gathered
+    assert len(re.findall(r" ragged-all-to-all(?:-start)?\(", text)) == 4, "ragged-all-to-all"
+    assert not [s for s in shapes if s.endswith(f",{D}")], shapes
     # one expert a chip, split on experts alone: no expert weight is gathered at all
     assert not [s for s in shapes if s.endswith((f",{D},{2 * I}", f",{I},{D}"))], shapes
     # the weights' gradients (tgmm) are of the chip's one expert

@@ -5,6 +5,7 @@ estimated MFU stays a real bound; a step that does not fit exits 2 in one line."
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from qwenvl_jax.cli import main
+from qwenvl_jax.config import load_config
 from qwenvl_jax.train import plan as plan_mod
 from qwenvl_jax.train.plan import hlo_matmul_flops
 
@@ -271,6 +273,20 @@ def test_expert_kernels_count_the_share_of_rows_routed_to_the_chip():
     # compute only those of the chip's own experts; other kernels count what they declare
     assert hlo_matmul_flops(KERNELS)["kernels"] == 9000
     assert hlo_matmul_flops(KERNELS, routed_share=1 / 8)["kernels"] == 8000 / 8 + 1000
+
+
+def test_routed_share_is_the_tokens_copies_over_the_receive_buffer():
+    # a chip's buffer holds ep * n * min(k, experts a chip) rows, of which n * k are its share
+    def share(E, k, ep):
+        text = dataclasses.replace(
+            load_config("tiny_qwen3_vl_moe").text, num_experts=E, num_experts_per_tok=k
+        )
+        return plan_mod.routed_share(text, ep)
+
+    assert share(128, 8, 8) == 1 / 8  # Qwen3-VL-30B-A3B on expert 8: 16 experts a chip
+    assert share(8, 2, 8) == 1 / 4  # one expert a chip receives at most one copy a token
+    assert share(128, 8, 1) == 1.0
+    assert share(0, 0, 8) == 1.0
 
 
 # A batched matmul as the TPU compiler writes it: a convolution whose window runs over the 4

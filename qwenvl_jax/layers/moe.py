@@ -151,27 +151,29 @@ def experts_parallel(
     as stored (experts over `expert`). A device all-gathers its E/ep experts' weights over the
     other mesh axes of their feature dimensions (fsdp, and tensor: the experts' hidden dimension
     is gathered whole rather than split, so the tensor devices repeat the same work, as on the
-    unsplit path), and the tokens with their ids and weights over `expert`, so that it holds the
-    tokens of all devices of its `expert` group. It runs the backend (`experts_fn(x, ids,
+    unsplit path). It sorts its own tokens' k copies by expert, which groups them by the device
+    holding that expert, and a ragged all-to-all over `expert` sends each device exactly the
+    copies routed to its experts (dispatch); the device runs the backend (`experts_fn(x, ids,
     w_gate_up, w_down, act=act)`, by default the platform's: tiled, gmm or ragged_dot) on the
-    copies routed to its own experts only (the other copies take id E/ep: sorted last, no
-    group, no matmul), sums each token's weighted outputs of its experts, and a reduce-scatter
-    (psum_scatter) over `expert` adds the devices' partial sums and hands each device its own
-    tokens back. No device holds more than E/ep experts' weights, the result is the unsplit
-    computation's, and nothing is dropped. The gradients are the transposes: the weights'
-    reduce-scattered over fsdp/tensor, the tokens' all-gathered over `expert` and back.
+    rows it received, grouped by its local expert, and a second ragged all-to-all sends every
+    output row back to the device of its token (combine), which sums each token's weighted
+    outputs. No device holds more than E/ep experts' weights or computes another device's
+    copies, the result is the unsplit computation's, and nothing is dropped: a device's receive
+    buffer holds the worst case (every copy of the group routed to its experts), of which the
+    backend computes only the rows received. The gradient of each exchange is the exchange
+    back; the weights' gradients are reduce-scattered over fsdp/tensor. Token counts the batch
+    split does not divide are padded with rows routed to no expert.
 
-    An all-to-all dispatch (each copy sent to its expert's device) would move fewer bytes than
-    all-gathering every token across the `expert` group, but a dropless one needs ragged
-    all-to-all, which XLA runs on TPU/GPU only; this form is exact, dropless and runs (and is
-    tested) on CPU devices too. Token counts the batch split does not divide are padded with
-    rows routed to no expert.
+    The ragged all-to-all is XLA's on TPU and GPU; XLA:CPU has none, so on CPU devices the same
+    exchange is an all-to-all of fixed-size blocks (`_ragged_all_to_all`).
     """
     mesh = current_mesh()
     assert splits_experts(mesh, w_gate_up.shape[0]), "experts_parallel needs an expert mesh axis"
     run = functools.partial(experts_fn or experts_by_platform, act=act)
-    N = x.shape[0]
+    N, k = experts.shape
     E = w_gate_up.shape[0]
+    ep = mesh.shape["expert"]
+    here = E // ep
     (batch,) = logical_to_spec(("batch",), mesh=mesh)
     token_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
     if "expert" not in token_axes:
@@ -182,6 +184,8 @@ def experts_parallel(
         x = jnp.pad(x, ((0, pad), (0, 0)))
         experts = jnp.pad(experts, ((0, pad), (0, 0)), constant_values=E)
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    # the most copies one device sends another: each token's k experts are distinct
+    block = (N + pad) // split * min(k, here)
     gate_up_spec = logical_to_spec(EXPERT_AXES, w_gate_up.shape, mesh)
     down_axes = (EXPERT_AXES[0], EXPERT_AXES[2], EXPERT_AXES[1])
     down_spec = logical_to_spec(down_axes, w_down.shape, mesh)
@@ -196,16 +200,16 @@ def experts_parallel(
     def local(x, experts, weights, w_gate_up, w_down):
         w_gate_up = gather_features(w_gate_up, gate_up_spec)
         w_down = gather_features(w_down, down_spec)
-        x, experts, weights = (
-            jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, experts, weights)
-        )
-        here = w_gate_up.shape[0]
-        ids = experts - jax.lax.axis_index("expert") * here
-        ids = jnp.where((ids >= 0) & (ids < here), ids, here)
+        n = x.shape[0]
+        # the copies sorted by expert: grouped by destination device; id E (none) last, unsent
+        copies, perm, counts = _by_expert(x, experts, E)
+        plan = _ExchangePlan.of(counts.reshape(ep, here), block)
+        received = plan.dispatch(copies)  # [ep * block, D]: by source device, then expert
+        ids = plan.received_experts()
         with use_mesh(None):  # per device: no nested split of the backend
-            y = run(x, ids, w_gate_up, w_down)
-        out = jnp.sum(y * weights[..., None], axis=1)
-        return jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
+            y = run(received, ids[:, None], w_gate_up, w_down)[:, 0]
+        out = _unsort(plan.combine(y, n * k), perm, experts)  # [n, k, D]
+        return jnp.sum(out * weights[..., None], axis=1)
 
     out = jax.shard_map(
         local,
@@ -215,6 +219,99 @@ def experts_parallel(
         check_vma=False,
     )(x, experts, weights, w_gate_up, w_down)
     return out[:N]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExchangePlan:
+    """Sizes and offsets of the ragged all-to-alls of `experts_parallel` on one device, inside
+    the shard_map over `expert` (ep devices, E/ep experts each); all int32[ep] but `recv_counts`.
+
+    send: rows to each device, from send_off in the sorted copies; land: where they land in
+    that device's receive buffer; recv: rows from each device, at recv_off in the buffer; back:
+    where the rows returned to each device land in its copies (its send_off of this device).
+    """
+
+    recv_counts: jax.Array  # int32[ep, E/ep]: rows from each device for each local expert
+    send: jax.Array
+    send_off: jax.Array
+    land: jax.Array
+    recv: jax.Array
+    recv_off: jax.Array
+    back: jax.Array
+    block: int
+
+    @classmethod
+    def of(cls, counts: jax.Array, block: int) -> _ExchangePlan:
+        """counts: int32[ep, E/ep], this device's copies routed to each device's experts."""
+
+        def exchanged(a):  # row d goes to device d; row s of the result came from device s
+            return jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)
+
+        send = jnp.sum(counts, axis=1)
+        recv_counts = exchanged(counts)
+        recv = jnp.sum(recv_counts, axis=1)
+        send_off, recv_off = (jnp.cumsum(a) - a for a in (send, recv))
+        land, back = exchanged(recv_off), exchanged(send_off)
+        return cls(recv_counts, send, send_off, land, recv, recv_off, back, block)
+
+    def dispatch(self, copies: jax.Array) -> jax.Array:
+        out_rows = self.send.shape[0] * self.block
+        forward = (self.send_off, self.send, self.land, self.recv)
+        backward = (self.recv_off, self.recv, self.back, self.send)
+        return _exchange(copies, forward, backward, out_rows, self.block)
+
+    def combine(self, rows: jax.Array, out_rows: int) -> jax.Array:
+        forward = (self.recv_off, self.recv, self.back, self.send)
+        backward = (self.send_off, self.send, self.land, self.recv)
+        return _exchange(rows, forward, backward, out_rows, self.block)
+
+    def received_experts(self) -> jax.Array:
+        """The local expert of each received row (E/ep for the unused rows after them)."""
+        here = self.recv_counts.shape[1]
+        ends = jnp.cumsum(self.recv_counts.reshape(-1))  # by source device, then expert
+        rows = jnp.arange(self.send.shape[0] * self.block, dtype=jnp.int32)
+        segment = jnp.searchsorted(ends, rows, side="right").astype(jnp.int32)
+        return jnp.where(segment < ends.shape[0], segment % here, here)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _exchange(rows, forward, backward, out_rows, block):
+    """The ragged all-to-all of `rows` by `forward` (send offsets, send sizes, landing offsets,
+    receive sizes) into zeros[out_rows, D]; its gradient is the exchange back by `backward`."""
+    return _ragged_all_to_all(rows, out_rows, *forward, block=block)
+
+
+def _exchange_fwd(rows, forward, backward, out_rows, block):
+    return _exchange(rows, forward, backward, out_rows, block), (rows.shape[0], backward)
+
+
+def _exchange_bwd(out_rows, block, res, g):
+    in_rows, backward = res
+    return _ragged_all_to_all(g, in_rows, *backward, block=block), None, None
+
+
+_exchange.defvjp(_exchange_fwd, _exchange_bwd)
+
+
+def _ragged_all_to_all(rows, out_rows, send_off, send, land, recv, *, block):
+    """XLA's ragged all-to-all over `expert` into zeros[out_rows, D] (TPU, GPU); on CPU, where
+    XLA has none, an all-to-all of [block, D] blocks (block bounds every send) placed by row."""
+
+    def native(rows, send_off, send, land, recv):
+        out = jnp.zeros((out_rows, rows.shape[1]), rows.dtype)
+        return jax.lax.ragged_all_to_all(rows, out, send_off, send, land, recv, axis_name="expert")
+
+    def blocks(rows, send_off, send, land, recv):
+        j = jnp.arange(block, dtype=jnp.int32)
+        src = jnp.where(j < send[:, None], send_off[:, None] + j, rows.shape[0])
+        sent = jnp.take(rows, src, axis=0, mode="fill", fill_value=0)  # [ep, block, D]
+        got = jax.lax.all_to_all(sent, "expert", 0, 0, tiled=True)
+        at = jax.lax.all_to_all(land, "expert", 0, 0, tiled=True)  # where each source's rows go
+        dest = jnp.where(j < recv[:, None], at[:, None] + j, out_rows).reshape(-1)
+        out = jnp.zeros((out_rows, rows.shape[1]), rows.dtype)
+        return out.at[dest].set(got.reshape(-1, rows.shape[1]), mode="drop")
+
+    return jax.lax.platform_dependent(rows, send_off, send, land, recv, cpu=blocks, default=native)
 
 
 def _by_expert(

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from qwenvl_jax.config import ModelConfig, load_config
+from qwenvl_jax.config import ModelConfig, TextConfig, load_config
 from qwenvl_jax.data.batch import V1_PIXELS, batch_spec
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.train.config import TrainConfig, resolve_model_path
@@ -400,10 +400,20 @@ def _splash_flops(name: str, q: list[int] | None, k: list[int] | None) -> float:
     return 2.0 * _SPLASH_MATMULS[kind] * q[0] * q[1] * k[1] * q[2]
 
 
-# the grouped-matmul kernels of the experts: given every token copy gathered over the expert
-# axis, they compute only the rows routed to this chip's experts (the rest sort last and fall
-# outside the group sizes), but declare the cost of all of them
+# the grouped-matmul kernels of the experts: they compute only the rows a chip received for its
+# experts (the rest of its receive buffer sorts last and falls outside the group sizes), but
+# declare the cost of the whole buffer
 _EXPERT_KERNELS = ("gmm", "tgmm")
+
+
+def routed_share(text: TextConfig, ep: int) -> float:
+    """The share of an expert-parallel chip's receive buffer that its expert kernels compute
+    under balanced routing: its n tokens' k copies of the buffer's worst case, ep * n *
+    min(k, experts a chip) rows (layers/moe.py `experts_parallel`); 1 without expert axis."""
+    if ep <= 1 or not text.num_experts:
+        return 1.0
+    k = text.num_experts_per_tok
+    return k / (ep * min(k, text.num_experts // ep))
 
 
 def hlo_matmul_flops(text: str, routed_share: float = 1.0) -> dict[str, float]:
@@ -413,8 +423,8 @@ def hlo_matmul_flops(text: str, routed_share: float = 1.0) -> dict[str, float]:
     `kernels`: the FLOPs that custom calls (Pallas kernels) declare in their cost estimates (for
     splash attention, which declares none, its matmuls over all blocks), with trip counts (XLA's
     cost analysis leaves kernels out). `unknown_loops`: loops whose trip count
-    could not be read (counted once). `routed_share`: the share of the gathered token copies
-    that the expert kernels compute on one chip (1 / the expert axis under balanced routing).
+    could not be read (counted once). `routed_share`: the share of the rows given to the expert
+    kernels that they compute (`routed_share`).
     """
     comps, entry = _parse_hlo(text)
     memo: dict[tuple[str, bool, bool], float] = {}
@@ -578,7 +588,7 @@ def plan(cfg: TrainConfig, topology_name: str, hlo_path: str | None = None) -> d
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo)
-    flops = hlo_matmul_flops(hlo, routed_share=1.0 / mesh.shape["expert"])
+    flops = hlo_matmul_flops(hlo, routed_share=routed_share(config.text, mesh.shape["expert"]))
     scale = flops["with_trips"] / flops["once"] if flops["once"] else 1.0
     kernels_s = flops["kernels"] / topo.peak_flops  # Pallas kernels, at peak: their own estimate
     if float(cost.get("optimal_seconds", -1)) > 0:  # the TPU compiler gives -2 when it has none
