@@ -252,15 +252,15 @@ def _decoder_layer(hub: str, ours: str, text: TextConfig, linear: bool, moe: boo
     return out
 
 
-# Checkpoint names of each ViT kind's layers (theirs, ours): the block MLP's and the patch
-# merger's (Qwen3-VL's DeepStack mergers are named like its last one).
-_MERGER_QWEN2 = (("ln_q", "norm"), ("mlp.0", "fc1"), ("mlp.2", "fc2"))
+# Checkpoint names of each ViT kind: its block MLP's layers (theirs, ours), and its patch merger's
+# norm, fc1 and fc2 (Qwen3-VL's DeepStack mergers are named like its last one).
+_MERGER_QWEN2 = ("ln_q", "mlp.0", "mlp.2")
 _VIT_NAMES = {
     "qwen2_vl": ((("fc1", "fc1"), ("fc2", "fc2")), _MERGER_QWEN2),
     "qwen2_5_vl": (tuple((n, n) for n in ("gate_proj", "up_proj", "down_proj")), _MERGER_QWEN2),
     "qwen3_vl": (
         (("linear_fc1", "fc1"), ("linear_fc2", "fc2")),
-        (("norm", "norm"), ("linear_fc1", "fc1"), ("linear_fc2", "fc2")),
+        ("norm", "linear_fc1", "linear_fc2"),
     ),
 }
 
@@ -284,13 +284,10 @@ def _vision_table(v: VisionConfig) -> Table:
         block += _linear(f"{hub}.mlp.{h}", f"{ours}.mlp.{o}", True)
 
     def merger_entries(name: str) -> list[Entry]:
-        out = []
-        for h, o in merger:
-            layer = _norm if o == "norm" else _linear
-            out += layer(
-                f"{V}.{name}.{h}", f"visual.{name}.{o}", layernorm if o == "norm" else True
-            )
-        return out
+        norm, fc1, fc2 = (f"{V}.{name}.{h}" for h in merger)
+        ours = f"visual.{name}"
+        out = _norm(norm, f"{ours}.norm", layernorm)
+        return out + _linear(fc1, f"{ours}.fc1", True) + _linear(fc2, f"{ours}.fc2", True)
 
     deepstack = merger_entries("deepstack_merger_list.{i}")
     return [
@@ -303,7 +300,7 @@ def _vision_table(v: VisionConfig) -> Table:
 
 def modern_table(config: ModelConfig) -> Table:
     """The table of a Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE) or Qwen3.5(-MoE) config, in the
-    order of transformers' state dict (in-memory names)."""
+    order of transformers' modules (in-memory names)."""
     text, L = config.text, "model.language_model"
     table = _vision_table(config.vision)
     table.append(
@@ -340,8 +337,12 @@ class ModernMapping(TableMapping):
     ignored = (r"rotary_emb\.inv_freq$",)
 
     def __init__(self, config: ModelConfig):
+        self.hub_legacy_names = config.family in ("qwen2_vl", "qwen2_5_vl")
         super().__init__(config.family, modern_table(config))
-        self.hub_legacy_names = self.family in ("qwen2_vl", "qwen2_5_vl")
+        # Export in the order transformers' save_pretrained writes tensors (sorted by key): a
+        # round trip keeps their order in the file, and with it transformers' float32 results,
+        # which depend on where the weights lie in the file.
+        self.entries.sort(key=lambda e: self.hub_name(e[0].key(e[1])))
 
     def canonical(self, key: str) -> str:
         """Legacy (hub Qwen2/2.5) names -> transformers' in-memory names."""
