@@ -39,9 +39,11 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_vocab", "tensor"),
     ("vit_tokens", ("data", "fsdp")),
     ("vit_groups", ("data", "fsdp", "expert")),  # a training batch's patch groups, as "batch"
-    # text parameters
+    # text parameters. Weights other than the experts' split their model dimension over
+    # `expert` too (as over `fsdp`): the expert axis splits the batch, so it is a data-parallel
+    # axis for them, and their gradients are reduce-scattered over it rather than all-reduced.
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -54,10 +56,10 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),  # the stacked decoder layers: scanned over, never split across devices
     # vision parameters
     ("vit_patch", None),
-    ("vit_embed", "fsdp"),
+    ("vit_embed", ("fsdp", "expert")),
     ("vit_heads", "tensor"),
     ("vit_mlp", "tensor"),
-    ("vit_merge", "fsdp"),
+    ("vit_merge", ("fsdp", "expert")),
     ("vit_pos", None),
     ("vit_queries", None),
 )
