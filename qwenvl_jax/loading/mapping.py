@@ -2,8 +2,9 @@
 way to export.
 
 A table is a list of entries `Entry(hub key template, kind, our path templates)` (`{i}` stands for
-a layer index) in the checkpoint's order. The kind says how a stored tensor becomes our
-parameter(s); each kind is an import function and its exact inverse for export:
+a layer index), built from the config, in the order export writes them. The kind says how a
+stored tensor becomes our parameter(s); each kind is an import function and its exact inverse for
+export:
 - `SAME`: stored as is (norms, embeddings, position tables, Gated DeltaNet's `dt_bias`/`A_log`);
 - `T`: a torch Linear weight [out, in], our kernel [in, out];
 - `conv(tail)`: a Conv weight [out, *tail], our kernel [prod(tail), out]: the Conv3d patch
