@@ -332,6 +332,17 @@ class VisionConfig:
         (Qwen2.5-VL)."""
         return self.window_size > 0
 
+    def is_full(self, block: int) -> bool:
+        """Whether ViT block `block` attends over whole images (else within windows)."""
+        return not self.window_attention or block in self.fullatt_block_indexes
+
+    @property
+    def window_patches(self) -> int:
+        """The most patches of one attention window (its side, in whole merged tokens, times
+        the merge size, squared); 0 without window attention."""
+        side = self.window_size // self.spatial_merge_size // self.patch_size
+        return (side * self.spatial_merge_size) ** 2
+
 
 @dataclass(frozen=True, kw_only=True)
 class V1VisionConfig:

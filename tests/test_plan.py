@@ -210,6 +210,18 @@ def test_hlo_reader_takes_instructions_over_several_lines_and_kernel_costs():
     assert flops["once"] == flops["with_trips"] == 2 * 8 * 16 * 4
     # the declared estimate, and splash attention's two matmuls per head over every block
     assert flops["kernels"] == 1000 + 2 * 2 * 2 * 128 * 128 * 16
+    # a local mask's block map keeps 1 of 4 key blocks a row: a quarter of the blocks (the dk/dv
+    # kernel's keeps 1 of 4 query blocks a column)
+    for blocks in ("4,1", "1,4"):
+        local = text.replace("%p0, %p0, %q", "%m, %m, %q").replace(
+            "  %q = ", f"  %m = s8[1,{blocks}]{{2,1,0}} parameter(4)\n  %q = "
+        )
+        assert hlo_matmul_flops(local)["kernels"] == 1000 + 2 * 2 * 2 * 128 * 128 * 16 / 4
+    # the kernel mapped over 3 rows of a batch (q [3, H, T, D]): 3 times the FLOPs
+    rows = text.replace("bf16[2,128,16]", "bf16[3,2,128,16]").replace(
+        "bf16[1,128,16]", "bf16[3,1,128,16]"
+    )
+    assert hlo_matmul_flops(rows)["kernels"] == 1000 + 3 * 2 * 2 * 2 * 128 * 128 * 16
 
 
 # A counted loop as the TPU compiler writes its windowed einsums (unrolled twice: the counter

@@ -16,6 +16,7 @@ from flax import nnx
 from qwenvl_jax.layers.attention import dot_product_attention, splash_attention
 from qwenvl_jax.layers.moe import SparseMoE, experts_gmm, experts_ragged
 from qwenvl_jax.sharding import named_sharding, state_shardings
+from qwenvl_jax.train.plan import hlo_matmul_flops
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -109,24 +110,31 @@ def segments(layout: str) -> np.ndarray:
     elif layout == "left_padded":  # a prefill batch padded on the left
         seg[0, 37:] = 1
         seg[1, :] = 1
-    elif layout == "windows":  # a ViT: images and windows of uneven lengths, padding at the end
-        for row, bounds in enumerate(([0, 64, 128, 144, 208, 256], [0, 100, 164, 220])):
+    elif layout.startswith("windows"):  # a ViT: images and windows of uneven lengths, padding
+        rows = ([0, 64, 128, 144, 208, 256], [0, 100, 164, 220])
+        if layout == "windows64":  # windows of at most 64 patches (Qwen2.5-VL's)
+            rows = (rows[0], [0, 30, 94, 150, 200])
+        for row, bounds in enumerate(rows):
             for s, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
                 seg[row, lo:hi] = s + 1
     return seg
 
 
-SPLASH_CASES = [  # (layout, causal, query heads, key/value heads, scale, block)
-    ("packed", True, 4, 2, None, 128),  # GQA, two blocks a side (one skipped as future)
-    ("packed", True, 4, 1, None, None),  # MQA, one 256 block
-    ("left_padded", True, 2, 2, None, 128),
-    ("windows", False, 2, 2, None, 128),
-    ("windows", False, 4, 2, 0.3, 128),  # an explicit scale
+SPLASH_CASES = [  # (layout, causal, query heads, key/value heads, scale, block, max_segment)
+    ("packed", True, 4, 2, None, 128, None),  # GQA, two blocks a side (one skipped as future)
+    ("packed", True, 4, 1, None, None, None),  # MQA, one 256 block
+    ("left_padded", True, 2, 2, None, 128, None),
+    ("windows", False, 2, 2, None, 128, None),
+    ("windows", False, 4, 2, 0.3, 128, None),  # an explicit scale
+    # a local mask of the blocks within max_segment of the diagonal (the ViT's windows)
+    ("windows64", False, 2, 2, None, 128, 64),
+    ("windows", False, 2, 1, None, 128, 100),
+    ("packed", True, 4, 2, None, 128, 110),
 ]
 
 
-@pytest.mark.parametrize("layout,causal,h,kh,scale,block", SPLASH_CASES)
-def test_splash_equals_xla(layout, causal, h, kh, scale, block):
+@pytest.mark.parametrize("layout,causal,h,kh,scale,block,max_segment", SPLASH_CASES)
+def test_splash_equals_xla(layout, causal, h, kh, scale, block, max_segment):
     rng = np.random.default_rng(len(layout) + h + kh)
     D = 16
     seg = jnp.asarray(segments(layout))
@@ -152,6 +160,7 @@ def test_splash_equals_xla(layout, causal, h, kh, scale, block):
             scale=D**-0.5 if scale is None else scale,
             block=block,
             interpret=True,
+            max_segment=max_segment,
         )
     )
     want = run(
@@ -282,7 +291,7 @@ def test_a_tpu_compile_takes_the_gmm_kernels(v5p_mesh):
 
 
 def test_a_tpu_compile_takes_splash_attention_where_it_fits(v5p_mesh):
-    def compiled_kernels(t: int, **kw):
+    def compiled_kernels(t: int, flops: bool = False, **kw):
         def loss(q, k, v, seg):
             out = dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, **kw)
             return jnp.sum(out.astype(jnp.float32) ** 2)
@@ -292,13 +301,20 @@ def test_a_tpu_compile_takes_splash_attention_where_it_fits(v5p_mesh):
         kvs = abstract((4, t, 2, 80), jnp.bfloat16, v5p_mesh, heads)
         seg = abstract((4, t), jnp.int32, v5p_mesh, ("batch", None))
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        return tpu_kernels(grad.lower(qs, kvs, kvs, seg).compile())
+        compiled = grad.lower(qs, kvs, kvs, seg).compile()
+        return tpu_kernels(compiled) if not flops else hlo_matmul_flops(compiled.as_text())
 
     for causal in (True, False):
         names = compiled_kernels(256, causal=causal)
         assert len(names) == 3 and all(n.startswith("splash_mha_") for n in names), names
         for phase in ("fwd", "dq", "dkv"):
             assert any(n.startswith(f"splash_mha_{phase}_segmented") for n in names), names
+    # windows of at most 64 positions: a local mask in blocks of 128, the kernels visit 3 of 16
+    # key blocks a row (the whole sequence: 4 of 4 blocks of 512)
+    whole, local = (
+        compiled_kernels(2048, True, causal=False, max_segment=m)["kernels"] for m in (None, 64)
+    )
+    assert local == whole * 3 / 16, (local, whole)
     assert compiled_kernels(200, causal=True) == []  # 200 is no whole number of blocks
     slots = jnp.broadcast_to(jnp.arange(256), (4, 256))  # positions given: the XLA path
     assert compiled_kernels(256, causal=True, q_positions=slots, kv_positions=slots) == []

@@ -50,6 +50,7 @@ def dot_product_attention(
     softmax_in_fp32: bool = True,
     block: int | None = None,
     dense_max: int | None = None,
+    max_segment: int | None = None,
 ) -> jax.Array:
     """softmax(q k^T * scale + mask) v.
 
@@ -58,6 +59,11 @@ def dot_product_attention(
     ids are equal and non-zero and, when `causal`, kv_positions <= q_positions (slot indices
     int[B, T] and int[B, S], default arange). Returns float[B, T, H, D]; a query that may attend
     nothing (padding) gets an arbitrary finite output.
+
+    `max_segment`: the caller's promise that every segment is one contiguous run of at most this
+    many positions (the ViT's windows), so no query attends a key `max_segment` or more positions
+    away: the splash kernel then visits only the blocks near the diagonal (a static local mask;
+    the segment ids still decide). The XLA path finds the blocks a segment meets by itself.
     """
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -92,7 +98,7 @@ def dot_product_attention(
     operands = (q, k, v, q_segment_ids, kv_segment_ids)
     if not splash_fits:
         return xla(*operands)
-    tpu = functools.partial(splash_attention, causal=causal, scale=scale)
+    tpu = functools.partial(splash_attention, causal=causal, scale=scale, max_segment=max_segment)
     return jax.lax.platform_dependent(*operands, tpu=tpu, default=xla)
 
 
@@ -113,6 +119,7 @@ def splash_attention(
     scale: float,
     block: int | None = None,
     interpret: bool = False,
+    max_segment: int | None = None,
 ) -> jax.Array:
     """`dot_product_attention` of a whole sequence (default positions, T == S) by JAX's splash
     attention TPU kernel (its own custom VJP for the gradients); `interpret` runs it in Pallas
@@ -128,18 +135,35 @@ def splash_attention(
     """
     heads = ("batch", None, "act_heads", None)
     run = map_shards(
-        functools.partial(_splash, causal=causal, scale=scale, block=block, interpret=interpret),
+        functools.partial(
+            _splash,
+            causal=causal,
+            scale=scale,
+            block=block,
+            interpret=interpret,
+            max_segment=max_segment,
+        ),
         in_axes=(heads, heads, heads, ("batch", None), ("batch", None)),
         out_axes=heads,
     )
     return run(q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def _splash(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, block, interpret):
+def _splash(
+    q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale, block, interpret, max_segment
+):
     """`splash_attention` on one device."""
     B, T, H, D = q.shape
-    block = _splash_block(T) if block is None else block
-    mask = splash_mask.CausalMask((T, T)) if causal else splash_mask.FullMask((T, T))
+    local = max_segment is not None and max_segment < T
+    if block is None:  # a local mask visits fewer positions in smaller blocks
+        block = min(b for b in SPLASH_BLOCKS if T % b == 0) if local else _splash_block(T)
+    if local:  # keys within max_segment - 1 positions
+        reach = max_segment - 1
+        mask = splash_mask.LocalMask((T, T), (reach, 0 if causal else reach), offset=0)
+    elif causal:
+        mask = splash_mask.CausalMask((T, T))
+    else:
+        mask = splash_mask.FullMask((T, T))
     kernel = splash.make_splash_mha(
         splash_mask.MultiHeadMask([mask] * H),
         block_sizes=splash.BlockSizes(

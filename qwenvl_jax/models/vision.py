@@ -27,8 +27,17 @@ from qwenvl_jax.sharding import normal, param, shard
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        max_segment: int | None = None,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs | None,
+    ):
         D = cfg.hidden_size
+        self.max_segment = max_segment  # the longest segment (a window) when known
         self.heads = cfg.num_heads
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qkv = Linear(D, 3 * D, axes=("vit_embed", "vit_heads"), **kw)
@@ -43,18 +52,38 @@ class VisionAttention(nnx.Module):
         q = apply_rope(q, angles, in_fp32=True)
         k = apply_rope(k, angles, in_fp32=True)
         out = dot_product_attention(
-            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=False
+            q,
+            k,
+            v,
+            q_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids,
+            causal=False,
+            max_segment=self.max_segment,
         )
         return self.proj(out.reshape(G, N, D))
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        windowed: bool = False,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs | None,
+    ):
         D = cfg.hidden_size
         nkw = dict(eps=1e-6, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = make_norm(cfg.norm, D, **nkw)
         self.norm2 = make_norm(cfg.norm, D, **nkw)
-        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = VisionAttention(
+            cfg,
+            max_segment=cfg.window_patches if windowed else None,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         mkw = dict(
             act=cfg.hidden_act,
             bias=True,
@@ -139,7 +168,9 @@ class VisionTower(nnx.Module):
             )
         else:
             self.pos_embed = None
-        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [VisionBlock(cfg, windowed=not cfg.is_full(i), **kw) for i in range(cfg.depth)]
+        )
         self.remat = "none"  # the remat policy each block runs under (layers/remat.py)
         self.merger = PatchMerger(cfg, **kw)
         self.deepstack_merger_list = nnx.List(
@@ -169,8 +200,7 @@ class VisionTower(nnx.Module):
         unperm = batch.unperm[..., None]
         deepstack = []
         for i, block in enumerate(self.blocks):
-            full = not cfg.window_attention or i in cfg.fullatt_block_indexes
-            seg = batch.segment_ids if full else batch.window_segment_ids
+            seg = batch.segment_ids if cfg.is_full(i) else batch.window_segment_ids
             with jax.named_scope(f"vit_block_{i}"):
                 x = call_block(block, self.remat, x, angles, seg)
             if i in cfg.deepstack_visual_indexes:

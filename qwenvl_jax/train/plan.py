@@ -390,14 +390,23 @@ def _initial_element(caller: list[tuple], rest: str, k: int) -> int | None:
 _SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
 
 
-def _splash_flops(name: str, q: list[int] | None, k: list[int] | None) -> float:
-    """A splash attention kernel's FLOPs from its q [H, T, D] and k [K, S, D] operands (it
-    declares no cost estimate), every block counted: an upper bound (masked blocks are
-    skipped)."""
+def _splash_flops(
+    name: str, q: list[int] | None, k: list[int] | None, mask: list[int] | None = None
+) -> float:
+    """A splash attention kernel's FLOPs from its q [..., H, T, D] and k [..., K, S, D] operands
+    (it declares no cost estimate; leading dimensions: rows of a batch the kernel is mapped
+    over). `mask`: the shape of its first operand, the block map [masks, query blocks, key
+    blocks] of which the kernel's grid keeps only as many blocks a row (or column, for dk/dv)
+    as the mask visits at most: a local mask's few near the diagonal. The visited blocks are
+    counted whole, masked ones within them included: an upper bound."""
     kind = name.removeprefix("splash_mha_").split("_", 1)[0]
-    if q is None or k is None or len(q) != 3 or len(k) != 3 or kind not in _SPLASH_MATMULS:
+    if q is None or k is None or len(q) < 3 or len(k) != len(q) or kind not in _SPLASH_MATMULS:
         return 0.0
-    return 2.0 * _SPLASH_MATMULS[kind] * q[0] * q[1] * k[1] * q[2]
+    visited = 1.0
+    if mask is not None and len(mask) == 3:  # the query and key blocks are alike (T == S)
+        visited = min(mask[1], mask[2]) / max(mask[1], mask[2])
+    *rows, H, T, D = q
+    return 2.0 * _SPLASH_MATMULS[kind] * math.prod(rows) * H * T * k[-2] * D * visited
 
 
 # the grouped-matmul kernels of the experts: they compute only the rows a chip received for its
@@ -450,7 +459,8 @@ def hlo_matmul_flops(text: str, routed_share: float = 1.0) -> dict[str, float]:
                     expert = inst.split(".")[0] in _EXPERT_KERNELS
                     total += float(m.group(1)) * (routed_share if expert else 1.0)
                 elif inst.startswith("splash_mha_") and len(args) > 3:
-                    total += _splash_flops(inst, shapes.get(args[2]), shapes.get(args[3]))
+                    q, k, mask = (shapes.get(args[i]) for i in (2, 3, 0))
+                    total += _splash_flops(inst, q, k, mask)
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
                 cond = re.search(r"condition=%?([\w.\-]+)", rest)
