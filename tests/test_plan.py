@@ -332,3 +332,16 @@ ENTRY %main (x: f32[4,4,2,8], w: f32[4,4,8,8]) -> f32[4,4,2,8] {
 
 def test_dilated_convolutions_count_one_tap_per_window():
     assert hlo_matmul_flops(DILATED_CONV)["once"] == 2 * (4 * 4 * 2 * 8) * 8
+
+
+def test_compiler_seconds_leave_out_the_calls_it_cannot_time():
+    # the TPU compiler adds -1 to optimal_seconds for each PrepareAsyncCallStart/Done it cannot
+    # time (measured: a MoE layer with 5 pairs reads -9.99927); a host compiler gives no time
+    hlo = "\n".join(
+        f'  %p{i} = s32[] custom-call(), custom_call_target="PrepareAsyncCall{kind}"'
+        for i, kind in enumerate(["Start", "Done"] * 5)
+    )
+    assert plan_mod.compiler_seconds({"optimal_seconds": -9.99927}, hlo) == pytest.approx(7.3e-4)
+    assert plan_mod.compiler_seconds({"optimal_seconds": 3.35}, "") == 3.35
+    assert plan_mod.compiler_seconds({"optimal_seconds": -2.0}, "") is None
+    assert plan_mod.compiler_seconds({"flops": 1.0}, hlo) is None
