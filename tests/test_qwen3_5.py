@@ -26,7 +26,7 @@ from qwenvl_jax.inference.generate import decode_logits, prefill_logits
 from qwenvl_jax.loading import convert
 from qwenvl_jax.loading.reader import open_checkpoint
 from qwenvl_jax.models.mtp import CarriedParam
-from qwenvl_jax.models.text import layer_runs
+from qwenvl_jax.models.text import layer_groups, layer_runs
 
 TOL = 1e-4
 FAMILIES = ("qwen3_5", "qwen3_5_moe")
@@ -69,12 +69,14 @@ def test_logits_match_transformers(pair, case):
 
 
 def test_hybrid_layers_are_stacked_in_runs(pair):
-    """Consecutive layers of one kind share one stacked run (one scan); the linear layers hold a
-    Gated DeltaNet, the others gated attention (q_proj twice as wide: query and gate)."""
+    """Layers are stacked in runs, scanned in groups of a repeating pattern (here linear, full
+    once, then linear twice, then full: three scans); the linear layers hold a Gated DeltaNet,
+    the others gated attention (q_proj twice as wide: query and gate)."""
     family, ref, ours = pair
     cfg = ours.config.text
     assert cfg.layer_types == tuple(QWEN3_5_LAYERS)
-    assert layer_runs(cfg) == [(0, 1), (1, 2), (2, 4), (4, 5)]
+    assert layer_groups(cfg) == ((0, 2, 1), (2, 1, 2), (4, 1, 1))
+    assert layer_runs(cfg) == [range(0, 1), range(1, 2), range(2, 4), range(4, 5)]
     runs = ours.language_model.runs
     assert runs[2].linear_attn.A_log.shape == (2, cfg.linear_num_value_heads)
     assert runs[1].self_attn.q_proj.kernel.shape == (1, 64, 2 * 4 * 32)

@@ -1,9 +1,10 @@
 """Stacked decoder layers in the model, one entry per layer in checkpoints.
 
-The model holds each run of identical decoder layers as one group of [n, ...] arrays
-(`language_model.runs.{r}.*`, see models/text.py). Checkpoints, Hugging Face and our Orbax folders
-alike, keep one entry per layer (`language_model.layers.{i}.*`, the mapping tables' names), so
-HF <-> Orbax conversion stays a tensor-by-tensor table and per-layer Orbax folders keep loading.
+The model holds the decoder layers in stacked runs of [n, ...] arrays (`language_model.runs.{r}.*`:
+run r holds the layers `layer_runs` gives, consecutive ones or every p-th of a repeating pattern,
+see models/text.py). Checkpoints, Hugging Face and our Orbax folders alike, keep one entry per
+layer (`language_model.layers.{i}.*`, the mapping tables' names), so HF <-> Orbax conversion stays
+a tensor-by-tensor table and per-layer Orbax folders keep loading.
 This module is the one place that translates: `checkpoint_view` unstacks a model's flat
 parameters into per-layer entries (lazily for device arrays), `Stacker` builds the stacked arrays
 back from per-layer ones, writing each layer in place into a preallocated sharded array so that a
@@ -30,22 +31,21 @@ _LAYER = re.compile(r"^language_model\.layers\.(\d+)\.(.+)$")
 
 
 class Layout:
-    """Where each decoder layer of a text config lives: run r holds layers [lo, hi)."""
+    """Where each decoder layer of a text config lives: run r holds layers `runs[r]`."""
 
     def __init__(self, text: TextConfig):
         self.runs = layer_runs(text)
         self.run_of = {
-            i: (r, i - lo) for r, (lo, hi) in enumerate(self.runs) for i in range(lo, hi)
+            i: (r, j) for r, layers in enumerate(self.runs) for j, i in enumerate(layers)
         }
 
     def unstack(self, path: str) -> list[str] | None:
-        """The per-layer checkpoint paths of a stacked model path, in layer order (None for a
+        """The per-layer checkpoint paths of a stacked model path, in the run's order (None for a
         path that is not stacked)."""
         m = _RUN.match(path)
         if m is None:
             return None
-        lo, hi = self.runs[int(m.group(1))]
-        return [f"language_model.layers.{i}.{m.group(2)}" for i in range(lo, hi)]
+        return [f"language_model.layers.{i}.{m.group(2)}" for i in self.runs[int(m.group(1))]]
 
     def locate(self, path: str) -> tuple[str, int] | None:
         """(stacked model path, index in the run) of a per-layer checkpoint path, None for a path
@@ -97,27 +97,27 @@ def materialize(value: Any) -> Any:
 
 def checkpoint_view(flat: Mapping[str, Any], text: TextConfig) -> dict[str, Any]:
     """{checkpoint path: value}: the model's flat parameters with every stacked one replaced by
-    its layers (`take_layer`), a run's layers in layer order where the run first appears."""
+    its layers (`take_layer`), in layer order (each layer's parameters in the model's order)
+    where the first stacked one appears."""
     layout = Layout(text)
-    out: dict[str, Any] = {}
-    pending: dict[int, list[tuple[list[str], Any]]] = {}
-    order: list[Any] = []
-    for path, value in flat.items():
+    order: list[tuple[str, Any] | None] = []  # None: the place of the layers
+    layers: list[tuple[int, int, str, Any]] = []  # (layer, place in `flat`, path, value)
+    for q, (path, value) in enumerate(flat.items()):
         names = layout.unstack(path)
         if names is None:
             order.append((path, value))
             continue
+        if not layers:
+            order.append(None)
         r = int(_RUN.match(path).group(1))
-        if r not in pending:
-            pending[r] = []
-            order.append(r)
-        pending[r].append((names, value))
+        layers += [
+            (i, q, name, take_layer(value, j))
+            for j, (i, name) in enumerate(zip(layout.runs[r], names))
+        ]
+    out: dict[str, Any] = {}
     for item in order:
-        if isinstance(item, int):
-            group = pending[item]
-            for j in range(len(group[0][0])):
-                for names, value in group:
-                    out[names[j]] = take_layer(value, j)
+        if item is None:
+            out.update((name, value) for _, _, name, value in sorted(layers, key=lambda e: e[:2]))
         else:
             out[item[0]] = item[1]
     return out
@@ -166,9 +166,9 @@ class Stacker:
             n = self.targets[path].shape[0]
             if len(done) != n:
                 missing = min(set(range(n)) - done)
-                lo = self.layout.runs[int(_RUN.match(path).group(1))][0]
+                layer = self.layout.runs[int(_RUN.match(path).group(1))][missing]
                 name = self.layout.unstack(path)[missing]
-                raise CheckpointError(f"checkpoint lacks parameter {name} (layer {lo + missing})")
+                raise CheckpointError(f"checkpoint lacks parameter {name} (layer {layer})")
         return self.values
 
 

@@ -10,16 +10,20 @@ returned functionally: per full-attention layer (k, v) float[B, S, K, hd], with 
 segment-id row per batch that marks the written, non-padded slots, and per linear-attention layer
 its `DeltaNetState` (conv inputs and the float32 delta-rule state).
 
-The decoder layers are stored stacked: each run of consecutive layers of the same kind (layer type
-and dense or MoE, see `layer_runs`) is one `DecoderLayer` whose parameters are [n, ...] arrays with
-the logical axis "layers" in front (`runs.{r}.*`), and runs with `jax.lax.scan` over those arrays
-and the cache in training, prefill and decoding alike, so XLA compiles one layer body per run
-whatever the depth. The scan body runs under the model's remat policy (`remat`, "none" by default).
+The decoder layers are stored stacked and grouped by their repeating pattern (`layer_groups`): a
+group is a pattern of p layer kinds (layer type, dense or MoE) repeated n times, stored as p
+`DecoderLayer`s whose parameters are [n, ...] arrays with the logical axis "layers" in front
+(`runs.{r}.*`, see `layer_runs`), and runs as one `jax.lax.scan` over the n repeats whose body
+applies the p layers in order, carrying the cache, in training, prefill and decoding alike. A
+uniform decoder is one group of one layer kind; Qwen3.5's hybrid pattern (three Gated DeltaNet
+layers, one full attention) one group of four, so XLA compiles the same program whatever the
+depth. The scan body runs under the model's remat policy (`remat`, "none" by default).
 Checkpoints keep one entry per layer (`layers.{i}.*`); see `loading/stacking.py`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -108,17 +112,60 @@ def layer_kind(cfg: TextConfig, i: int) -> tuple[str, bool]:
     return cfg.layer_type(i), cfg.is_moe_layer(i)
 
 
-def layer_runs(cfg: TextConfig) -> list[tuple[int, int]]:
-    """[lo, hi) of every run of consecutive decoder layers of the same kind (`layer_kind`), in
-    order: one stacked group of parameters and one scanned layer body each. A hybrid pattern
-    (three linear-attention layers, one full) gives alternating runs."""
-    kinds = [layer_kind(cfg, i) for i in range(cfg.num_hidden_layers)]
-    runs, lo = [], 0
-    for i in range(1, len(kinds) + 1):
-        if i == len(kinds) or kinds[i] != kinds[lo]:
-            runs.append((lo, i))
-            lo = i
-    return runs
+class LayerGroup(NamedTuple):
+    """Decoder layers [lo, lo + period * repeats): a pattern of `period` layer kinds repeated
+    `repeats` times. It is stored as `period` stacked runs (run k holds layers lo + k, lo + k +
+    period, ...) and runs as one scan over the repeats whose body applies the pattern in order."""
+
+    lo: int
+    period: int
+    repeats: int
+
+    @property
+    def hi(self) -> int:
+        return self.lo + self.period * self.repeats
+
+    def run(self, k: int) -> range:
+        """The layers of the group's k-th run (pattern position k), in order."""
+        return range(self.lo + k, self.hi, self.period)
+
+
+@functools.cache
+def _tiling(kinds: tuple) -> tuple[LayerGroup, ...]:
+    """The groups that tile `kinds` with the fewest layer bodies (the sum of the periods: what
+    the compiler compiles), and of those the fewest groups (scans)."""
+    L = len(kinds)
+    best: list[tuple[int, int, tuple[LayerGroup, ...]]] = [(0, 0, ())] * (L + 1)
+    for s in range(L - 1, -1, -1):
+        options = []
+        for p in range(1, L - s + 1):
+            n = 1
+            while s + p * (n + 1) <= L and kinds[s + p * n : s + p * (n + 1)] == kinds[s : s + p]:
+                n += 1
+            for m in range(1, n + 1):  # a shorter tiling may leave a better rest
+                bodies, groups, rest = best[s + p * m]
+                options.append((bodies + p, groups + 1, (LayerGroup(s, p, m), *rest)))
+        best[s] = min(options, key=lambda o: o[:2])
+    return best[0][2]
+
+
+def layer_groups(cfg: TextConfig) -> tuple[LayerGroup, ...]:
+    """The decoder's layer groups, in layer order. A uniform decoder is one group of period 1;
+    Qwen3.5's hybrid pattern (three linear-attention layers, one full) is one group of period 4
+    whatever the depth; layers outside the pattern (dense before MoE layers, a partial pattern at
+    the end) are groups of their own."""
+    return _tiling(tuple(layer_kind(cfg, i) for i in range(cfg.num_hidden_layers)))
+
+
+def group_runs(groups: tuple[LayerGroup, ...]) -> list[range]:
+    """The layers of every stacked run (`TextModel.runs`) of these groups, in run order."""
+    return [g.run(k) for g in groups for k in range(g.period)]
+
+
+def layer_runs(cfg: TextConfig) -> list[range]:
+    """The layers of every stacked run of the decoder (`TextModel.runs`), in run order: one group
+    of [n, ...] parameters each."""
+    return group_runs(layer_groups(cfg))
 
 
 class Attention(nnx.Module):
@@ -208,7 +255,7 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """One decoder layer of a kind (`layer_kind`): full attention or Gated DeltaNet, then a dense
     or sparse MLP; built under `stacked_params(n)`, the n layers of a run (whose parameters are
-    then [n, ...]: call it on one layer's slice of its state, as `TextModel` does)."""
+    then [n, ...]: call it on one layer's slice of its state, as `TextModel`'s scan does)."""
 
     def __init__(
         self,
@@ -322,14 +369,13 @@ class TextModel(nnx.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.remat = "none"
-        self.ranges = tuple(layer_runs(cfg))  # [lo, hi) of each run (see `one_run_per_layer`)
+        self.groups = layer_groups(cfg)  # see `one_run_per_layer`
         runs = []
-        for lo, hi in self.ranges:
-            with stacked_params(hi - lo):
+        for layers in group_runs(self.groups):
+            with stacked_params(len(layers)):
+                kind = layer_kind(cfg, layers[0])
                 runs.append(
-                    DecoderLayer(
-                        cfg, layer_kind(cfg, lo), dtype=dtype, param_dtype=param_dtype, rngs=rngs
-                    )
+                    DecoderLayer(cfg, kind, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                 )
         self.runs = nnx.List(runs)
         self.norm = RMSNorm(
@@ -384,37 +430,46 @@ class TextModel(nnx.Module):
         n_deep = 0 if deepstack is None else deepstack.shape[0]
         slot_of = cache_slots(self.cfg)
         router: list[jax.Array] = []
-        for (lo, hi), run in zip(self.ranges, self.runs, strict=True):
-            graphdef, stacked = nnx.split(run)
+        r = 0
+        for group in self.groups:
+            lo, p, n = group
+            graphdefs, stacked = zip(*(nnx.split(run) for run in self.runs[r : r + p]))
+            r += p
 
-            def body(carry, xs, graphdef=graphdef, deep=lo < n_deep):
+            def body(carry, xs, graphdefs=graphdefs, lo=lo):
                 x, arrays = carry
-                state, i, slot = xs
-                layer = nnx.merge(graphdef, state)
-                x, arrays, rl = layer(x, angles, segment_ids, slots, arrays, slot, cache_seg, start)
-                if deep:  # DeepStack features enter after layers 0..n_deep-1
-                    d = jax.lax.dynamic_index_in_dim(
-                        deepstack, jnp.minimum(i, n_deep - 1), keepdims=False
+                states, index, slot = xs
+                rls = []
+                for k, (graphdef, state) in enumerate(zip(graphdefs, states)):
+                    layer = nnx.merge(graphdef, state)
+                    x, arrays, rl = layer(
+                        x, angles, segment_ids, slots, arrays, slot[k], cache_seg, start
                     )
-                    x = x + jnp.where(i < n_deep, d.astype(x.dtype), jnp.zeros((), x.dtype))
-                return (x, arrays), rl
+                    if lo + k < n_deep:  # DeepStack features enter after layers 0..n_deep-1
+                        i = index[k]
+                        d = jax.lax.dynamic_index_in_dim(
+                            deepstack, jnp.minimum(i, n_deep - 1), keepdims=False
+                        )
+                        x = x + jnp.where(i < n_deep, d.astype(x.dtype), jnp.zeros((), x.dtype))
+                    rls.append(rl)
+                return (x, arrays), tuple(rls)
 
             # Inside a loop the rematerialised forward cannot be merged with the original one;
             # a loop of one trip is removed by the compiler, and CSE would then merge them and
             # keep the whole layer's activations (a hybrid decoder's full-attention layers).
-            body = checkpointed(body, self.remat, prevent_cse=hi - lo == 1)
-            index = jnp.arange(lo, hi, dtype=jnp.int32)
-            slot = jnp.asarray(slot_of[lo:hi], jnp.int32)
-            with jax.named_scope(f"layers_{lo}_{hi}"):
+            body = checkpointed(body, self.remat, prevent_cse=n == 1)
+            index = jnp.arange(lo, group.hi, dtype=jnp.int32).reshape(n, p)
+            slot = jnp.asarray(slot_of[lo : group.hi], jnp.int32).reshape(n, p)
+            with jax.named_scope(f"layers_{lo}_{group.hi}"):
                 (x, arrays), rls = jax.lax.scan(body, (x, arrays), (stacked, index, slot))
-            if rls is not None:
-                router += list(rls)
+            # router logits [n, ...] per pattern position, back in layer order
+            router += [rl[j] for j in range(n) for rl in rls if rl is not None]
         new_cache = None if cache is None else KVCache(*arrays[:2], cache_seg, *arrays[2:])
         return self.norm(x), new_cache, router
 
 
 def one_run_per_layer(model: nnx.Module) -> nnx.Module:
-    """A copy of `model` whose decoder holds each layer as its own run of one ([1, ...]
+    """A copy of `model` whose decoder holds each layer as its own group of one ([1, ...]
     parameters, copied out of the stacked runs once), run by the same code.
 
     For decoding on the CPU: inside a loop XLA:CPU copies each layer's slice of a stacked weight
@@ -424,11 +479,15 @@ def one_run_per_layer(model: nnx.Module) -> nnx.Module:
     graphdef, state = nnx.split(model)
     view = nnx.merge(graphdef, state)  # new modules over the same arrays
     text = view.language_model
+    stacked = [nnx.split(run) for run in text.runs]
+    where = {
+        i: (r, j) for r, layers in enumerate(group_runs(text.groups)) for j, i in enumerate(layers)
+    }
     runs = []
-    for (lo, hi), run in zip(text.ranges, text.runs, strict=True):
-        run_def, run_state = nnx.split(run)
-        for j in range(hi - lo):
-            runs.append(nnx.merge(run_def, jax.tree.map(lambda a, j=j: a[j : j + 1], run_state)))
+    for i in range(text.cfg.num_hidden_layers):
+        r, j = where[i]
+        run_def, run_state = stacked[r]
+        runs.append(nnx.merge(run_def, jax.tree.map(lambda a, j=j: a[j : j + 1], run_state)))
     text.runs = nnx.List(runs)
-    text.ranges = tuple((i, i + 1) for i in range(len(runs)))
+    text.groups = tuple(LayerGroup(i, 1, 1) for i in range(len(runs)))
     return view
