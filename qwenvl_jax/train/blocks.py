@@ -1,10 +1,11 @@
 """How the transformer blocks run under training: the rematerialisation policy.
 
 The decoder's layers are stacked and scanned by construction (models/text.py), in training,
-prefill and decoding alike, so XLA compiles one layer body per run of identical layers whatever
-the depth; `scan_layers` is kept as a training option for old configs and changes nothing. The
-remat policy is a plain attribute (`remat`) of the decoder, whose scan body runs under it, and of
-the vision towers, whose blocks run under it one by one; `configure` sets it.
+prefill and decoding alike, one scan per group of a repeating layer pattern, so XLA compiles the
+same layer bodies whatever the depth; `scan_layers` is kept as a training option for old configs
+and changes nothing. The remat policy is a plain attribute (`remat`) of the decoder, whose scan
+bodies run under it, and of the vision towers, whose blocks run under it one by one; `configure`
+sets it.
 """
 
 from __future__ import annotations
