@@ -113,9 +113,10 @@ def layer_kind(cfg: TextConfig, i: int) -> tuple[str, bool]:
 
 
 class LayerGroup(NamedTuple):
-    """Decoder layers [lo, lo + period * repeats): a pattern of `period` layer kinds repeated
-    `repeats` times. It is stored as `period` stacked runs (run k holds layers lo + k, lo + k +
-    period, ...) and runs as one scan over the repeats whose body applies the pattern in order."""
+    """Layers [lo, lo + period * repeats) (decoder layers or ViT blocks): a pattern of `period`
+    layer kinds repeated `repeats` times. It is stored as `period` stacked runs (run k holds
+    layers lo + k, lo + k + period, ...) and runs as one scan over the repeats whose body applies
+    the pattern in order."""
 
     lo: int
     period: int
@@ -149,16 +150,29 @@ def _tiling(kinds: tuple) -> tuple[LayerGroup, ...]:
     return best[0][2]
 
 
+def tile_groups(kinds: tuple, cuts: tuple[int, ...] = ()) -> tuple[LayerGroup, ...]:
+    """The groups of a stack of layers of these kinds (any hashable, equal for layers that share
+    a layer body): the fewest layer bodies, then the fewest scans. Every index in `cuts` starts
+    a group, so the hidden state there is a group's output (the ViT's DeepStack taps)."""
+    bounds = sorted({0, len(kinds), *(c for c in cuts if 0 < c < len(kinds))})
+    return tuple(
+        LayerGroup(lo + g.lo, g.period, g.repeats)
+        for lo, hi in zip(bounds, bounds[1:])
+        for g in _tiling(tuple(kinds[lo:hi]))
+    )
+
+
 def layer_groups(cfg: TextConfig) -> tuple[LayerGroup, ...]:
     """The decoder's layer groups, in layer order. A uniform decoder is one group of period 1;
     Qwen3.5's hybrid pattern (three linear-attention layers, one full) is one group of period 4
     whatever the depth; layers outside the pattern (dense before MoE layers, a partial pattern at
     the end) are groups of their own."""
-    return _tiling(tuple(layer_kind(cfg, i) for i in range(cfg.num_hidden_layers)))
+    return tile_groups(tuple(layer_kind(cfg, i) for i in range(cfg.num_hidden_layers)))
 
 
 def group_runs(groups: tuple[LayerGroup, ...]) -> list[range]:
-    """The layers of every stacked run (`TextModel.runs`) of these groups, in run order."""
+    """The layers of every stacked run (`TextModel.runs`, `VisionTower.runs`) of these groups,
+    in run order."""
     return [g.run(k) for g in groups for k in range(g.period)]
 
 
