@@ -39,13 +39,13 @@ def path_str(path: tuple) -> str:
 
 
 def params_as_numpy(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Flat {checkpoint path: host array} of every parameter, one entry per decoder layer as in
-    checkpoints (gathered; use for small models)."""
+    """Flat {checkpoint path: host array} of every parameter, one entry per decoder layer and ViT
+    block as in checkpoints (gathered; use for small models)."""
     from qwenvl_jax.loading.stacking import checkpoint_view
 
     state = nnx.state(model, nnx.Param)
     flat = {path_str(p): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(state)}
-    return checkpoint_view(flat, model.config.text)
+    return checkpoint_view(flat, model.config)
 
 
 def from_pretrained(

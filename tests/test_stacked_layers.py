@@ -250,7 +250,7 @@ def test_checkpoint_view_unstacks_in_layer_order():
         "language_model.runs.0.b.weight": np.arange(n) * 10.0,
         "lm_head.kernel": np.zeros(2),
     }
-    view = checkpoint_view(flat, cfg.text)
+    view = checkpoint_view(flat, cfg)
     names = [f"language_model.layers.{i}.{p}" for i in range(n) for p in ("a.kernel", "b.weight")]
     assert list(view) == [*names, "lm_head.kernel"]
     assert view[f"language_model.layers.{n - 1}.b.weight"] == (n - 1) * 10.0

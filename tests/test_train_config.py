@@ -168,10 +168,11 @@ def test_weight_decay_skips_norms_and_biases():
         for p, v in nnx.to_flat_state(decay_mask(state, (r".*embed_tokens.*",)))
     }
     assert mask["language_model.runs.0.self_attn.q_proj.kernel"]
-    assert mask["visual.blocks.0.mlp.fc1.kernel"]
-    # stacked decoder layers: [layers, ...]; a bias or norm scale is 1-D per layer
+    assert mask["visual.runs.0.mlp.fc1.kernel"]
+    # stacked decoder layers and ViT blocks: [layers, ...]; a bias or norm scale is 1-D per layer
     assert not mask["language_model.runs.0.self_attn.q_proj.bias"]
     assert not mask["language_model.runs.0.input_layernorm.weight"]
+    assert not mask["visual.runs.0.norm1.weight"]
     assert not mask["visual.merger.norm.bias"]
     assert not mask["language_model.embed_tokens.embedding"]  # by the no_decay regex
     # and AdamW applies it so: a zero gradient moves only the decayed leaves

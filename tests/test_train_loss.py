@@ -131,7 +131,7 @@ def test_loss_and_gradients_match_transformers(family, tmp_path):
         assert float(aux["aux_loss"]) > 0.5
         np.testing.assert_allclose(float(aux["aux_loss"]), float(out.aux_loss.detach()), rtol=1e-5)
     g = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
-    g = checkpoint_view(g, ours.config.text)  # one entry per decoder layer, as HF names them
+    g = checkpoint_view(g, ours.config)  # one entry per layer and ViT block, as HF names them
     named = dict(ref.named_parameters())
     pairs = [
         ("lm_head.kernel", "lm_head.weight"),

@@ -150,8 +150,8 @@ def test_sigterm_and_sigkill_resume_to_the_uninterrupted_losses(tmp_path):
         assert (
             np.asarray(flat[path].get_value()).tobytes() == np.asarray(var.get_value()).tobytes()
         ), path
-    vit = jax.device_get(ours.visual.blocks[0].attn.qkv.kernel.get_value())
-    assert np.array_equal(vit, jax.device_get(init.visual.blocks[0].attn.qkv.kernel.get_value()))
+    vit = jax.device_get(ours.visual.runs[0].attn.qkv.kernel.get_value())
+    assert np.array_equal(vit, jax.device_get(init.visual.runs[0].attn.qkv.kernel.get_value()))
     merger = jax.device_get(ours.visual.merger.fc1.kernel.get_value())
     assert not np.array_equal(merger, jax.device_get(init.visual.merger.fc1.kernel.get_value()))
 

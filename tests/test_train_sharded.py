@@ -34,7 +34,7 @@ assert len(jax.devices()) == 8
 cfg = load_config("tiny_qwen3_vl_moe")
 # eps = 1e-3: Adam's update is then a smooth function of the gradient (with 1e-8 it is close to
 # sign(g) for near-zero gradients, which would magnify reduction-order differences)
-run = from_dict({"freeze": [[r"visual\.blocks\..*", "freeze"], [".*", "train"]],
+run = from_dict({"freeze": [[r"visual\.runs\..*", "freeze"], [".*", "train"]],
                  "learning_rate": 1e-3, "warmup_steps": 0, "steps": 10, "batch_size": 4,
                  "seq_len": 40, "eps": 1e-3})
 data = SyntheticBatches(cfg, 4, 40, seed=1)

@@ -6,8 +6,8 @@ stand-ins and checked against the model's abstract parameters (`plan_import`), s
 unexpected, mis-shaped or doubly-mapped tensor fails at once, naming the tensor, before any data
 is read. Then each tensor is read once, mapped and placed straight into its parameter's shards
 (`import_tensor`), so no more than one host tensor is alive at a time. Parameters are addressed
-by checkpoint path, one per decoder layer (`stacking.checkpoint_view`); `fill_model` writes the
-layers into their stacked arrays in place.
+by checkpoint path, one per decoder layer and ViT block (`stacking.checkpoint_view`);
+`fill_model` writes the layers into their stacked arrays in place.
 """
 
 from __future__ import annotations
@@ -185,9 +185,9 @@ def fill_model(
     graphdef, abs_state = nnx.split(abs_model)
     flat = {".".join(map(str, p)): v.get_raw_value() for p, v in nnx.to_flat_state(abs_state)}
     text = abs_model.config.text
-    abstract = checkpoint_view(flat, text)
+    abstract = checkpoint_view(flat, abs_model.config)
     plan = plan_import(reader, mapping, abstract, tied=getattr(text, "tie_word_embeddings", False))
-    stacker = Stacker(flat, text)
+    stacker = Stacker(flat, abs_model.config)
     keys = [key for key, _ in plan]
     if progress:
         from tqdm import tqdm

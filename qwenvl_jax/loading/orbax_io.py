@@ -2,8 +2,8 @@
 
 A folder written here holds `params/` (an Orbax PyTree checkpoint of every parameter, a nested
 dict keyed by the parts of the dotted parameter path, `{"language_model": {"layers": {"0": ...}}}`,
-one entry per decoder layer: the model's stacked layers are unstacked on save and stacked back on
-restore, see loading/stacking.py),
+one entry per decoder layer and ViT block: the model's stacked layers are unstacked on save and
+stacked back on restore, see loading/stacking.py),
 `qwenvl_jax.json` (the marker: format, family, dtype, and what the weights were converted from),
 config.json (the Hugging Face config, or our own `ModelConfig.to_dict()` format) and the
 tokenizer/processor files.
@@ -132,11 +132,11 @@ def model_params(model: nnx.Module) -> dict[str, Any]:
 
 
 def flat_params(model: nnx.Module) -> dict[str, Any]:
-    """{checkpoint path: value} of every variable of `model`: one entry per decoder layer
-    (`stacking.checkpoint_view`; a device array's layers are `LayerSlice`s, taken on use)."""
+    """{checkpoint path: value} of every variable of `model`: one entry per decoder layer and ViT
+    block (`stacking.checkpoint_view`; a device array's layers are `LayerSlice`s, taken on use)."""
     from qwenvl_jax.loading.stacking import checkpoint_view
 
-    return checkpoint_view(model_params(model), model.config.text)
+    return checkpoint_view(model_params(model), model.config)
 
 
 def chunk_size(total_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -333,8 +333,7 @@ def restore_model(
         model_targets[".".join(str(p) for p in path)] = jax.ShapeDtypeStruct(
             leaf.shape, leaf.dtype, sharding=sharding
         )
-    text = abstract_model.config.text
-    targets = checkpoint_view(model_targets, text)
+    targets = checkpoint_view(model_targets, abstract_model.config)
     stored = stored_params(folder)
     extra = sorted(set(stored) - set(targets))
     if extra:
@@ -343,7 +342,7 @@ def restore_model(
             f"{folder}: stored parameter {extra[0]}{more} is not a parameter of this model"
         )
     check_stored(folder, targets, stored)
-    stacker = Stacker(model_targets, text)
+    stacker = Stacker(model_targets, abstract_model.config)
     sizes = ((p, int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize) for p, t in targets.items())
     for group in group_by_size(sizes, group_bytes):
         arrays = restore_params(folder, {p: targets[p] for p in group}, stored=stored)

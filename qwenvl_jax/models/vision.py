@@ -4,6 +4,14 @@ One `VisionTower` serves the three: Qwen2-VL (LayerNorm, quick-GELU MLP), Qwen2.
 SwiGLU, window attention with a few full layers), Qwen3-VL (learned position table resampled
 bilinearly, tanh-GELU, DeepStack taps). Attention is block-diagonal through segment ids; the grids'
 metadata comes precomputed in a `VisionBatch` (models/vision_inputs.py).
+
+The blocks are stored stacked and grouped by their repeating pattern, as the decoder's layers are
+(models/text.py): a block's kind is whether it attends over whole images or within windows, so
+Qwen2.5-VL's seven window blocks and one full block are one group of period 8 repeated 4 times,
+and a uniform tower one group of period 1. Groups end after each DeepStack tap, whose hidden
+state is then a group's output. Each group is stored as `period` runs of [n, ...] parameters
+(`runs.{r}.*`, see `block_runs`) and runs as one `jax.lax.scan` under the tower's remat policy.
+Checkpoints keep one entry per block (`blocks.{i}.*`); see `loading/stacking.py`.
 """
 
 from __future__ import annotations
@@ -20,10 +28,23 @@ from qwenvl_jax.layers.attention import dot_product_attention
 from qwenvl_jax.layers.linear import Linear
 from qwenvl_jax.layers.mlp import MLP, GatedMLP
 from qwenvl_jax.layers.norms import LayerNorm, make_norm
-from qwenvl_jax.layers.remat import call_block
+from qwenvl_jax.layers.remat import checkpointed
 from qwenvl_jax.layers.rope import apply_rope, inv_freq, rope_angles
+from qwenvl_jax.models.text import LayerGroup, group_runs, tile_groups
 from qwenvl_jax.models.vision_inputs import VisionBatch, is_grouped
-from qwenvl_jax.sharding import normal, param, shard
+from qwenvl_jax.sharding import normal, param, shard, stacked_params
+
+
+def block_groups(cfg: VisionConfig) -> tuple[LayerGroup, ...]:
+    """The ViT's block groups, in block order: blocks of one kind (full or window attention)
+    share a body; a group ends after each DeepStack tap."""
+    kinds = tuple(cfg.is_full(i) for i in range(cfg.depth))
+    return tile_groups(kinds, tuple(i + 1 for i in cfg.deepstack_visual_indexes))
+
+
+def block_runs(cfg: VisionConfig) -> list[range]:
+    """The blocks of every stacked run of the tower (`VisionTower.runs`), in run order."""
+    return group_runs(block_groups(cfg))
 
 
 class VisionAttention(nnx.Module):
@@ -64,6 +85,9 @@ class VisionAttention(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
+    """One ViT block, window or full attention; built under `stacked_params(n)`, the n blocks of
+    a run (call it on one block's slice of its state, as `VisionTower`'s scan does)."""
+
     def __init__(
         self,
         cfg: VisionConfig,
@@ -168,10 +192,13 @@ class VisionTower(nnx.Module):
             )
         else:
             self.pos_embed = None
-        self.blocks = nnx.List(
-            [VisionBlock(cfg, windowed=not cfg.is_full(i), **kw) for i in range(cfg.depth)]
-        )
-        self.remat = "none"  # the remat policy each block runs under (layers/remat.py)
+        self.groups = block_groups(cfg)
+        runs = []
+        for blocks in group_runs(self.groups):
+            with stacked_params(len(blocks)):
+                runs.append(VisionBlock(cfg, windowed=not cfg.is_full(blocks[0]), **kw))
+        self.runs = nnx.List(runs)
+        self.remat = "none"  # the remat policy the scan bodies run under (layers/remat.py)
         self.merger = PatchMerger(cfg, **kw)
         self.deepstack_merger_list = nnx.List(
             [PatchMerger(cfg, postshuffle=True, **kw) for _ in cfg.deepstack_visual_indexes]
@@ -198,18 +225,41 @@ class VisionTower(nnx.Module):
         pos = jnp.moveaxis(batch.pos_hw, 1, 0)  # [2, G, N]
         angles = rope_angles(pos, freqs, np.repeat(np.arange(2), hd // 4))
         unperm = batch.unperm[..., None]
-        deepstack = []
-        for i, block in enumerate(self.blocks):
-            seg = batch.segment_ids if cfg.is_full(i) else batch.window_segment_ids
-            with jax.named_scope(f"vit_block_{i}"):
-                x = call_block(block, self.remat, x, angles, seg)
-            if i in cfg.deepstack_visual_indexes:
-                j = cfg.deepstack_visual_indexes.index(i)
-                feats = self.deepstack_merger_list[j](x)
-                deepstack.append(jnp.take_along_axis(feats, unperm, axis=1))
+        x, taps = self.run_blocks(x, angles, batch.segment_ids, batch.window_segment_ids)
+        deepstack = [
+            jnp.take_along_axis(self.deepstack_merger_list[j](h), unperm, axis=1) for j, h in taps
+        ]
         merged = jnp.take_along_axis(self.merger(x), unperm, axis=1)
         deep = jnp.stack(deepstack) if deepstack else None
         if not grouped:
             merged = merged[0]
             deep = None if deep is None else deep[:, 0]
         return merged, deep
+
+    def run_blocks(
+        self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array, window_segment_ids: jax.Array
+    ) -> tuple[jax.Array, list[tuple[int, jax.Array]]]:
+        """The blocks over x float[G, N, D], one scan per group. Returns (x after the last block,
+        [(j, hidden state after block deepstack_visual_indexes[j])] in block order)."""
+        cfg = self.cfg
+        taps = []
+        r = 0
+        for group in self.groups:
+            lo, p, n = group
+            graphdefs, stacked = zip(*(nnx.split(run) for run in self.runs[r : r + p]))
+            r += p
+            full = tuple(cfg.is_full(lo + k) for k in range(p))
+
+            def body(x, states, graphdefs=graphdefs, full=full):
+                for graphdef, state, f in zip(graphdefs, states, full):
+                    seg = segment_ids if f else window_segment_ids
+                    x = nnx.merge(graphdef, state)(x, angles, seg)
+                return x, None
+
+            # a loop of one trip keeps remat's CSE barrier (see TextModel)
+            body = checkpointed(body, self.remat, prevent_cse=n == 1)
+            with jax.named_scope(f"vit_blocks_{lo}_{group.hi}"):
+                x, _ = jax.lax.scan(body, x, stacked)
+            if group.hi - 1 in cfg.deepstack_visual_indexes:
+                taps.append((cfg.deepstack_visual_indexes.index(group.hi - 1), x))
+        return x, taps

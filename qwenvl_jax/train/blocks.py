@@ -3,9 +3,10 @@
 The decoder's layers are stacked and scanned by construction (models/text.py), in training,
 prefill and decoding alike, one scan per group of a repeating layer pattern, so XLA compiles the
 same layer bodies whatever the depth; `scan_layers` is kept as a training option for old configs
-and changes nothing. The remat policy is a plain attribute (`remat`) of the decoder, whose scan
-bodies run under it, and of the vision towers, whose blocks run under it one by one; `configure`
-sets it.
+and changes nothing; the modern vision towers' blocks are stacked and scanned the same way
+(models/vision.py). The remat policy is a plain attribute (`remat`) of the decoder and of the
+vision towers, whose scan bodies (Qwen-VL v1's tower: its blocks one by one) run under it;
+`configure` sets it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from flax import nnx
 
 from qwenvl_jax.layers.remat import POLICIES, check_policy
 from qwenvl_jax.models.text import TextModel
+from qwenvl_jax.models.vision import VisionTower
 
-BLOCK_LISTS = ("runs", "blocks", "resblocks")
+BLOCK_LISTS = ("resblocks",)  # per-block lists run under `remat` (Qwen-VL v1's tower)
 
 
 def _holders(model: nnx.Module) -> list[tuple[nnx.Module, int]]:
@@ -26,8 +28,10 @@ def _holders(model: nnx.Module) -> list[tuple[nnx.Module, int]]:
     for _, m in nnx.iter_modules(model):
         if isinstance(m, TextModel):
             out.append((m, m.cfg.num_hidden_layers))
+        elif isinstance(m, VisionTower):
+            out.append((m, m.cfg.depth))
         else:
-            for name in BLOCK_LISTS[1:]:
+            for name in BLOCK_LISTS:
                 blocks = getattr(m, name, None)
                 if isinstance(blocks, nnx.List) and hasattr(m, "remat"):
                     out.append((m, len(blocks)))

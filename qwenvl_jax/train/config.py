@@ -56,7 +56,7 @@ class TrainConfig:
     """Everything one training run needs besides the weights and the data files.
 
     `freeze` is an ordered table of (regex, "train" | "freeze") over dotted parameter paths such
-    as `visual.blocks.0.attn.qkv.kernel`; the first full match decides, and a parameter that no
+    as `visual.runs.0.attn.qkv.kernel`; the first full match decides, and a parameter that no
     row matches is an error, so a table is always complete. `batch_size` is the rows of one
     micro-batch; an optimiser step consumes `grad_accum` micro-batches. `steps` counts optimiser
     steps. `data` is handed to the data pipeline as is (its keys are the pipeline's).
