@@ -450,15 +450,24 @@ class TextModel(nnx.Module):
             graphdefs, stacked = zip(*(nnx.split(run) for run in self.runs[r : r + p]))
             r += p
 
-            def body(carry, xs, graphdefs=graphdefs, lo=lo):
+            # A loop of one trip is removed by the compiler, and CSE would then merge the
+            # rematerialised forward with the original one and keep the whole layer's activations
+            # (a hybrid decoder's full-attention layers): one trip keeps remat's CSE barrier.
+            remat = functools.partial(checkpointed, policy=self.remat, prevent_cse=n == 1)
+
+            def apply(state, x, arrays, slot, graphdef):
+                layer = nnx.merge(graphdef, state)
+                return layer(x, angles, segment_ids, slots, arrays, slot, cache_seg, start)
+
+            def body(carry, xs, graphdefs=graphdefs, lo=lo, p=p, remat=remat):
                 x, arrays = carry
                 states, index, slot = xs
                 rls = []
                 for k, (graphdef, state) in enumerate(zip(graphdefs, states)):
-                    layer = nnx.merge(graphdef, state)
-                    x, arrays, rl = layer(
-                        x, angles, segment_ids, slots, arrays, slot[k], cache_seg, start
-                    )
+                    # a pattern of several layers rematerialises each on its own, so that the
+                    # backward pass holds one layer's activations at a time, not the pattern's
+                    run = functools.partial(apply, graphdef=graphdef)
+                    x, arrays, rl = (remat(run) if p > 1 else run)(state, x, arrays, slot[k])
                     if lo + k < n_deep:  # DeepStack features enter after layers 0..n_deep-1
                         i = index[k]
                         d = jax.lax.dynamic_index_in_dim(
@@ -468,10 +477,8 @@ class TextModel(nnx.Module):
                     rls.append(rl)
                 return (x, arrays), tuple(rls)
 
-            # Inside a loop the rematerialised forward cannot be merged with the original one;
-            # a loop of one trip is removed by the compiler, and CSE would then merge them and
-            # keep the whole layer's activations (a hybrid decoder's full-attention layers).
-            body = checkpointed(body, self.remat, prevent_cse=n == 1)
+            if p == 1:
+                body = remat(body)
             index = jnp.arange(lo, group.hi, dtype=jnp.int32).reshape(n, p)
             slot = jnp.asarray(slot_of[lo : group.hi], jnp.int32).reshape(n, p)
             with jax.named_scope(f"layers_{lo}_{group.hi}"):

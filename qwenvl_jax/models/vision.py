@@ -16,6 +16,7 @@ Checkpoints keep one entry per block (`blocks.{i}.*`); see `loading/stacking.py`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -250,14 +251,23 @@ class VisionTower(nnx.Module):
             r += p
             full = tuple(cfg.is_full(lo + k) for k in range(p))
 
-            def body(x, states, graphdefs=graphdefs, full=full):
-                for graphdef, state, f in zip(graphdefs, states, full):
+            # a loop of one trip keeps remat's CSE barrier (see TextModel)
+            remat = functools.partial(checkpointed, policy=self.remat, prevent_cse=n == 1)
+
+            def apply(state, x, seg, graphdef):
+                return nnx.merge(graphdef, state)(x, angles, seg)
+
+            def body(x, states, graphdefs=graphdefs, full=full, p=p, remat=remat):
+                for graphdef, state, f in zip(graphdefs, states, full, strict=True):
                     seg = segment_ids if f else window_segment_ids
-                    x = nnx.merge(graphdef, state)(x, angles, seg)
+                    # a pattern of several blocks rematerialises each on its own: the backward
+                    # pass holds one block's activations at a time, not the pattern's
+                    run = functools.partial(apply, graphdef=graphdef)
+                    x = (remat(run) if p > 1 else run)(state, x, seg)
                 return x, None
 
-            # a loop of one trip keeps remat's CSE barrier (see TextModel)
-            body = checkpointed(body, self.remat, prevent_cse=n == 1)
+            if p == 1:
+                body = remat(body)
             with jax.named_scope(f"vit_blocks_{lo}_{group.hi}"):
                 x, _ = jax.lax.scan(body, x, stacked)
             if group.hi - 1 in cfg.deepstack_visual_indexes:
