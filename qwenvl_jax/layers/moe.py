@@ -5,12 +5,13 @@ dropless: on CPU a loop of tile-by-expert matmuls (`experts_tiled`), on TPU the 
 grouped-matmul kernels (`experts_gmm`), elsewhere `jax.lax.ragged_dot` (`experts_ragged`), chosen
 by the platform the step is compiled for (so an ahead-of-time compile for a TPU topology from a
 CPU host gets the kernels). Under a mesh whose `expert` axis splits the experts, each device
-computes only its own experts (`experts_parallel`).
+computes only its own experts, on the token copies a ragged all-to-all brings it
+(`experts_parallel`).
 
-Every backend takes expert ids in [0, E] for weights of E experts: id E marks a token copy routed
-to no expert here (under expert parallelism, to another device's experts). Such copies are sorted
-after the others and left out of the group sizes, so they cost no matmul; their output (and the
-gradient through them) is zero.
+Every backend takes expert ids in [0, E] for weights of E experts: id E marks a row routed to no
+expert (padding; under expert parallelism, the unused rows of a receive buffer). Such rows are
+sorted after the others and left out of the group sizes, so they cost no matmul; their output (and
+the gradient through them) is zero.
 """
 
 from __future__ import annotations
