@@ -30,7 +30,7 @@ from qwenvl_jax.train.step import Trainer, batch_to_model_inputs
 from qwenvl_jax.train.synthetic import SyntheticBatches
 
 FAMILIES = ["tiny_qwen_vl", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl"]
-FAMILIES += ["tiny_qwen3_vl_moe", "hybrid_10"]
+FAMILIES += ["tiny_qwen3_vl_moe", "hybrid_9"]
 HYBRID = ("linear_attention",) * 3 + ("full_attention",)
 
 
@@ -41,14 +41,11 @@ def _with_layers(cfg, n):
 
 
 def _config(name):
-    """A shipped config, or "hybrid_N": tiny Qwen3.5-MoE with N layers of the released pattern
-    whose last layer is dense (N = 10: the pattern twice, a group of period 4, then a linear MoE
-    layer and a linear dense one, a group of period 2 run once)."""
+    """A shipped config, or "hybrid_N": tiny Qwen3.5 with N layers of the released pattern
+    (N = 9: the pattern twice, a group of period 4, then one linear layer, a group of its own;
+    dense rather than MoE for CI time: the MoE's scan is tiny_qwen3_vl_moe's)."""
     if name.startswith("hybrid_"):
-        n = int(name[7:])
-        cfg = _with_layers(load_config("tiny_qwen3_5_moe"), n)
-        text = dataclasses.replace(cfg.text, mlp_only_layers=(n - 1,))
-        return dataclasses.replace(cfg, text=text)
+        return _with_layers(load_config("tiny_qwen3_5"), int(name[7:]))
     return load_config(name)
 
 
@@ -210,19 +207,18 @@ def _runs_of_one_kind(cfg):
 def test_hybrid_decoder_runs_one_scan_whatever_the_depth(monkeypatch):
     """Qwen3.5's pattern (three linear layers, one full) is one group of period 4: the forward
     pass has as many loops (scans over layers, and the delta rule's over chunks) and about as many
-    instructions at 24 layers as at 8."""
+    instructions at 16 layers as at 8."""
     cfg = load_config("tiny_qwen3_5")
     assert text_model.layer_groups(_with_layers(cfg, 24).text) == ((0, 4, 6),)
-    texts = {n: _lowered(build_model(_with_layers(cfg, n), seed=0)) for n in (8, 24)}
+    texts = {n: _lowered(build_model(_with_layers(cfg, n), seed=0)) for n in (8, 16)}
     loops = {n: t.count("stablehlo.while") for n, t in texts.items()}
     sizes = {n: _instructions(t) for n, t in texts.items()}
-    assert loops[24] == loops[8], loops
-    assert sizes[24] <= sizes[8] * 1.02 + 8, sizes
-    # a scan per run of one layer kind, for contrast, adds loops with every repeat
+    assert loops[16] == loops[8], loops
+    assert sizes[16] <= sizes[8] * 1.02 + 8, sizes
+    # a scan per run of one layer kind, for contrast, has a loop for every run (8 at 16 layers)
     monkeypatch.setattr(text_model, "layer_groups", _runs_of_one_kind)
-    texts = {n: _lowered(build_model(_with_layers(cfg, n), seed=0)) for n in (8, 24)}
-    runs = {n: t.count("stablehlo.while") for n, t in texts.items()}
-    assert runs[8] > loops[8] and runs[24] > runs[8], (runs, loops)
+    runs = _lowered(build_model(_with_layers(cfg, 16), seed=0)).count("stablehlo.while")
+    assert runs >= loops[16] + 7, (runs, loops)
 
 
 def test_checkpoint_folder_keeps_one_entry_per_layer(tmp_path):
@@ -256,7 +252,7 @@ def test_checkpoint_view_unstacks_in_layer_order():
     assert view[f"language_model.layers.{n - 1}.b.weight"] == (n - 1) * 10.0
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen2_5_vl", "tiny_qwen3_vl_moe", "hybrid_10"])
+@pytest.mark.parametrize("name", ["tiny_qwen2_5_vl", "tiny_qwen3_vl_moe", "hybrid_9"])
 def test_one_run_per_layer_is_the_same_model(name):
     """The CPU decoding layout (each layer its own group of one, `one_run_per_layer`) gives the
     stacked model's logits and cache (k/v, and the delta rule's conv and recurrent states of a

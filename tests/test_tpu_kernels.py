@@ -128,7 +128,6 @@ SPLASH_CASES = [  # (layout, causal, query heads, key/value heads, scale, block,
     ("windows", False, 4, 2, 0.3, 128, None),  # an explicit scale
     # a local mask of the blocks within max_segment of the diagonal (the ViT's windows)
     ("windows64", False, 2, 2, None, 128, 64),
-    ("windows", False, 2, 1, None, 128, 100),
     ("packed", True, 4, 2, None, 128, 110),
 ]
 

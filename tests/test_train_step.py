@@ -59,7 +59,10 @@ def test_remat_and_scanned_layers_give_the_same_loss_and_gradients(name):
     host = jax.device_get(weights)
     batch = next(SyntheticBatches(cfg, 2, 64, seed=7))
     out = {}
-    for remat, scan in (("none", False), ("full", True), ("dots", False)):
+    policies = (("none", False), ("full", True), ("dots", False))
+    if name == "hybrid_8":  # a policy of each kind (the dots one is Qwen3-VL's): CI time
+        policies = policies[:2]
+    for remat, scan in policies:
         model = nnx.merge(graphdef, jax.device_put(host))
         changed = configure(model, remat, scan)
         assert changed["scanned_decoders"] == 1
