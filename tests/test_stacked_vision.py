@@ -8,13 +8,13 @@ one entry per block."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_stacked_layers import _outputs, _rel, mesh
 
 from qwenvl_jax.config import load_config
 from qwenvl_jax.data.batch import batch_to_model_inputs
@@ -23,10 +23,8 @@ from qwenvl_jax.loading import orbax_io
 from qwenvl_jax.modeling import build_model, from_pretrained, params_as_numpy
 from qwenvl_jax.models.text import LayerGroup
 from qwenvl_jax.models.vision import VisionTower, block_groups, block_runs
-from qwenvl_jax.sharding import make_mesh
 from qwenvl_jax.train.blocks import apply_remat
 from qwenvl_jax.train.config import from_dict
-from qwenvl_jax.train.freeze import path_str
 from qwenvl_jax.train.step import Trainer
 from qwenvl_jax.train.synthetic import SyntheticBatches
 
@@ -80,32 +78,6 @@ def per_block_run(self, x, angles, segment_ids, window_segment_ids):
         if i in cfg.deepstack_visual_indexes:
             taps.append((cfg.deepstack_visual_indexes.index(i), x))
     return x, taps
-
-
-@functools.cache
-def mesh():
-    return make_mesh(devices=jax.devices()[:1])
-
-
-def _outputs(trainer, batch):
-    """(logits, loss, {path: gradient}) in one compiled program."""
-    ids, seg, pos, vision = batch_to_model_inputs(batch)
-
-    def run(params):
-        model = nnx.merge(trainer.graphdef, params, trainer.frozen)
-        logits = model.forward(ids, seg, pos, vision)[0]
-        loss, grads = jax.value_and_grad(lambda p: trainer.loss(p, trainer.frozen, batch)[0])(
-            params
-        )
-        return logits, loss, grads
-
-    logits, loss, grads = jax.jit(run)(trainer._initial_params)
-    flat = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
-    return np.asarray(logits), float(loss), flat
-
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
