@@ -4,6 +4,7 @@ joins the two."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -36,9 +37,23 @@ def model_class(family: str) -> type:
     return QwenVLForConditionalGeneration
 
 
-def _maker(config: ModelConfig, dtype, param_dtype, seed: int) -> Callable[[], nnx.Module]:
+def _maker(config: ModelConfig, dtype, param_dtype) -> Callable[[jax.Array], nnx.Module]:
     cls = model_class(config.family)
-    return lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    return lambda key: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
+
+
+@functools.lru_cache(maxsize=16)
+def _initializer(config: ModelConfig, dtype, param_dtype, mesh: Mesh):
+    """(graphdef, abstract state, shardings, the jitted init of a random key). The key is an
+    argument rather than a constant, so one compiled init serves every seed: compiling a model's
+    init costs seconds even for the tiny presets, and tests build many of them."""
+    make = _maker(config, dtype, param_dtype)
+    with abstract_params():
+        abs_model = make(jax.random.key(0))
+    graphdef, abs_state = nnx.split(abs_model)
+    shardings = state_shardings(abs_state, mesh)
+    init = jax.jit(lambda key: nnx.state(make(key)), out_shardings=shardings)
+    return graphdef, abs_state, shardings, init
 
 
 def _default_mesh() -> Mesh:
@@ -60,11 +75,9 @@ def build_model(
     carry their NamedSharding), created directly with the sharding the rules give on `mesh`."""
     dtype = as_dtype(dtype)
     param_dtype = as_dtype(param_dtype) if param_dtype is not None else dtype
-    make = _maker(config, dtype, param_dtype, seed)
-    with abstract_params():
-        abs_model = make()
-    graphdef, abs_state = nnx.split(abs_model)
-    shardings = state_shardings(abs_state, mesh or _default_mesh())
+    graphdef, abs_state, shardings, init = _initializer(
+        config, dtype, param_dtype, mesh or _default_mesh()
+    )
     if abstract:
         state = jax.tree.map(
             lambda v, s: v.replace(
@@ -75,6 +88,5 @@ def build_model(
             is_leaf=lambda x: isinstance(x, nnx.Variable),
         )
         return nnx.merge(graphdef, state)
-
-    init = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)
-    return nnx.merge(graphdef, init())
+    # nnx.Rngs(seed) starts from jax.random.key(seed): the same weights as a constant seed
+    return nnx.merge(graphdef, init(jax.random.key(seed)))
