@@ -3,8 +3,18 @@ and the v5p slice the TPU-compile tests share."""
 
 import importlib.util
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One compilation cache for the whole run, made by the first process (pytest itself) and
+# inherited by the xdist workers and the CLI subprocesses they start: the same tiny models' inits
+# and steps compile once instead of once per test and process. Removed when the run ends.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="qwenvl_jax_tests_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -25,3 +35,8 @@ def v5p_mesh():
     mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=topology("v5p:2x2x2").devices)
     with jax.default_matmul_precision("default"), use_mesh(mesh):
         yield mesh
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
