@@ -25,11 +25,34 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-def checkpointed(fn: Callable, policy: str, *, prevent_cse: bool = True) -> Callable:
-    """`fn` (a pure function of arrays) under `jax.checkpoint` with `policy` ("none": `fn`)."""
+def checkpointed(
+    fn: Callable, policy: str, *, prevent_cse: bool = True, in_order: bool = False
+) -> Callable:
+    """`fn` (a pure function of arrays) under `jax.checkpoint` with `policy` ("none": `fn`).
+
+    in_order: the backward pass recomputes `fn`'s forward only once the cotangent of its output
+    exists. For the layers of a pattern in one scan body: their recomputations depend on nothing
+    but the saved inputs, so the compiler is free to run them all before the first layer's
+    backward and hold every layer's activations at once."""
     if check_policy(policy) == "none":
         return fn
-    return jax.checkpoint(fn, policy=POLICIES[policy], prevent_cse=prevent_cse)
+    remat = jax.checkpoint(fn, policy=POLICIES[policy], prevent_cse=prevent_cse)
+    if not in_order:
+        return remat
+
+    @jax.custom_vjp
+    def ordered(*args):
+        return fn(*args)
+
+    def forward(*args):
+        return jax.vjp(remat, *args)  # the pullback (a pytree of the saved values) is the residual
+
+    def backward(pullback, cotangent):
+        pullback, cotangent = jax.lax.optimization_barrier((pullback, cotangent))
+        return pullback(cotangent)
+
+    ordered.defvjp(forward, backward)
+    return ordered
 
 
 def call_block(block: nnx.Module, policy: str, *args: jax.Array) -> jax.Array:

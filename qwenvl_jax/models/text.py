@@ -467,7 +467,9 @@ class TextModel(nnx.Module):
                     # a pattern of several layers rematerialises each on its own, so that the
                     # backward pass holds one layer's activations at a time, not the pattern's
                     run = functools.partial(apply, graphdef=graphdef)
-                    x, arrays, rl = (remat(run) if p > 1 else run)(state, x, arrays, slot[k])
+                    x, arrays, rl = (remat(run, in_order=True) if p > 1 else run)(
+                        state, x, arrays, slot[k]
+                    )
                     if lo + k < n_deep:  # DeepStack features enter after layers 0..n_deep-1
                         i = index[k]
                         d = jax.lax.dynamic_index_in_dim(

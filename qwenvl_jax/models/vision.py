@@ -263,7 +263,7 @@ class VisionTower(nnx.Module):
                     # a pattern of several blocks rematerialises each on its own: the backward
                     # pass holds one block's activations at a time, not the pattern's
                     run = functools.partial(apply, graphdef=graphdef)
-                    x = (remat(run) if p > 1 else run)(state, x, seg)
+                    x = (remat(run, in_order=True) if p > 1 else run)(state, x, seg)
                 return x, None
 
             if p == 1:
