@@ -167,6 +167,15 @@ def test_plan_for_a_tpu_slice():
     assert 0 < report["est_mfu"] <= 1 and report["est_step_s"] > 0
     assert report["hbm_bytes"] == int(95.74 * 2**30)
     assert np.isfinite(report["est_step_s"]) and report["loop_scale"] > 1
+    # the loop bodies are timed by a second compile with the layer scans unrolled twice: their
+    # repeated trips add their own time, more than the time of one trip of each
+    bodies = report["loop_bodies"]
+    assert report["est_source"] == "compiler, loop bodies timed", report
+    assert 0 < bodies["body_s"] <= report["compiler_s"] and bodies["body_flops"] > 0
+    repeats = report["hlo_matmul_flops_per_chip"] - report["hlo_matmul_flops_once_per_chip"]
+    kernels = report["kernel_flops_per_chip"] / plan_mod.topology("v5p:2x2x2").peak_flops
+    expected = report["compiler_s"] + bodies["s_per_flop"] * repeats + kernels
+    assert repeats > 0 and report["est_step_s"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_missing_libtpu_says_how_to_install_it(monkeypatch, capsys):

@@ -28,6 +28,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--topology", required=True, metavar="NAME", help="e.g. v5p:2x2x2 or cpu:8")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--hlo", metavar="FILE", help="also write the compiled step's HLO text there")
+    p.add_argument(
+        "--no-loop-timing",
+        action="store_true",
+        help="compile once: scale the step's time by the loops' FLOPs instead of timing the "
+        "loop bodies with a second compile (layer scans unrolled twice)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return p
 
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, list(args.overrides))
     _host_devices(args.topology)
-    report = plan(cfg, args.topology, hlo_path=args.hlo)
+    report = plan(cfg, args.topology, hlo_path=args.hlo, time_loops=not args.no_loop_timing)
     print(json.dumps(report, indent=2) if args.json else format_plan(report))
     if not report["fits"]:
         c = report["per_chip_bytes"]

@@ -2,12 +2,16 @@
 keeps ("dots": matmul outputs) and which it recomputes ("full": everything but the block input).
 
 Models hold the chosen policy name as a plain attribute (`remat`, set by `train.blocks.configure`)
-and run each block, or the body of a scan over stacked blocks, through `checkpointed`.
+and run each block, or the body of a scan over stacked blocks, through `checkpointed`. The scans
+over stacked layers take their unroll factor from `layer_scan_unroll` (1; `qwenvl-jax plan` compiles
+a second time with 2 to time the loop bodies).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import jax
 from flax import nnx
@@ -17,6 +21,25 @@ POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+_UNROLL = contextvars.ContextVar("layer_scan_unroll", default=1)
+
+
+def layer_scan_unroll() -> int:
+    """The unroll factor of the scans over stacked layers traced now."""
+    return _UNROLL.get()
+
+
+@contextlib.contextmanager
+def unrolled_layer_scans(n: int) -> Iterator[None]:
+    """Trace the scans over stacked layers with `n` layers (or patterns) per loop iteration.
+    jit caches traces: clear them (jax.clear_caches) to retrace a function already traced."""
+    token = _UNROLL.set(n)
+    try:
+        yield
+    finally:
+        _UNROLL.reset(token)
 
 
 def check_policy(policy: str) -> str:

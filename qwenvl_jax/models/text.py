@@ -38,7 +38,7 @@ from qwenvl_jax.layers.linear import Embed, Linear
 from qwenvl_jax.layers.mlp import GatedMLP
 from qwenvl_jax.layers.moe import SparseMoE
 from qwenvl_jax.layers.norms import RMSNorm
-from qwenvl_jax.layers.remat import checkpointed
+from qwenvl_jax.layers.remat import checkpointed, layer_scan_unroll
 from qwenvl_jax.layers.rope import apply_rope, inv_freq, mrope_axes, rope_angles
 from qwenvl_jax.sharding import shard, stacked_params
 
@@ -484,7 +484,9 @@ class TextModel(nnx.Module):
             index = jnp.arange(lo, group.hi, dtype=jnp.int32).reshape(n, p)
             slot = jnp.asarray(slot_of[lo : group.hi], jnp.int32).reshape(n, p)
             with jax.named_scope(f"layers_{lo}_{group.hi}"):
-                (x, arrays), rls = jax.lax.scan(body, (x, arrays), (stacked, index, slot))
+                (x, arrays), rls = jax.lax.scan(
+                    body, (x, arrays), (stacked, index, slot), unroll=layer_scan_unroll()
+                )
             # router logits [n, ...] per pattern position, back in layer order
             router += [rl[j] for j in range(n) for rl in rls if rl is not None]
         new_cache = None if cache is None else KVCache(*arrays[:2], cache_seg, *arrays[2:])

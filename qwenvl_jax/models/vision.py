@@ -29,7 +29,7 @@ from qwenvl_jax.layers.attention import dot_product_attention
 from qwenvl_jax.layers.linear import Linear
 from qwenvl_jax.layers.mlp import MLP, GatedMLP
 from qwenvl_jax.layers.norms import LayerNorm, make_norm
-from qwenvl_jax.layers.remat import checkpointed
+from qwenvl_jax.layers.remat import checkpointed, layer_scan_unroll
 from qwenvl_jax.layers.rope import apply_rope, inv_freq, rope_angles
 from qwenvl_jax.models.text import LayerGroup, group_runs, tile_groups
 from qwenvl_jax.models.vision_inputs import VisionBatch, is_grouped
@@ -269,7 +269,7 @@ class VisionTower(nnx.Module):
             if p == 1:
                 body = remat(body)
             with jax.named_scope(f"vit_blocks_{lo}_{group.hi}"):
-                x, _ = jax.lax.scan(body, x, stacked)
+                x, _ = jax.lax.scan(body, x, stacked, unroll=layer_scan_unroll())
             if group.hi - 1 in cfg.deepstack_visual_indexes:
                 taps.append((cfg.deepstack_visual_indexes.index(group.hi - 1), x))
         return x, taps

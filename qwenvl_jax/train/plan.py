@@ -34,6 +34,7 @@ import numpy as np
 from qwenvl_jax.config import ModelConfig, TextConfig, load_config
 from qwenvl_jax.data.batch import V1_PIXELS, batch_spec
 from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.layers.remat import unrolled_layer_scans
 from qwenvl_jax.train.config import TrainConfig, resolve_model_path
 
 GIB = 2**30
@@ -541,9 +542,40 @@ def hlo_collectives(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- the plan
 
 
-def plan(cfg: TrainConfig, topology_name: str, hlo_path: str | None = None) -> dict[str, Any]:
+def _loop_bodies(
+    trainer, state, batch, frozen, compiler_s: float, once: float, share: float
+) -> dict[str, float] | None:
+    """The compiler's time per matmul FLOP of the layer loops' bodies: the step compiled again
+    with every layer scan unrolled twice has one more copy of each body, and the differences of
+    the compiler's time and of the matmul FLOPs (each loop body counted once) are the bodies'.
+    None when the second compile adds no time or no FLOPs (no layer loops)."""
+    jax.clear_caches()  # the step is traced anew, with the unrolled scans
+    t0 = time.perf_counter()
+    with unrolled_layer_scans(2):
+        twice = trainer.compile(state, batch, frozen=frozen)
+    seconds = time.perf_counter() - t0
+    cost = twice.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
+    hlo = twice.as_text()
+    t2 = compiler_seconds(cost, hlo)
+    f2 = hlo_matmul_flops(hlo, routed_share=share)["once"]
+    if t2 is None or t2 <= compiler_s or f2 <= once:
+        return None
+    return {
+        "s_per_flop": (t2 - compiler_s) / (f2 - once),
+        "body_s": t2 - compiler_s,
+        "body_flops": f2 - once,
+        "compile_s": seconds,
+    }
+
+
+def plan(
+    cfg: TrainConfig, topology_name: str, hlo_path: str | None = None, time_loops: bool = True
+) -> dict[str, Any]:
     """Compile the run's train step for the topology and report memory, fit and speed (and
-    write the compiled HLO text to `hlo_path`, when given)."""
+    write the compiled HLO text to `hlo_path`, when given). time_loops: compile a second time
+    with the layer scans unrolled twice to time the loop bodies (see `_loop_bodies`); without
+    it, the whole step's time scales with the matmul FLOPs of the loops' trips."""
     from qwenvl_jax.train.loop import batch_shards
 
     topo = topology(topology_name)
@@ -614,11 +646,20 @@ def plan(cfg: TrainConfig, topology_name: str, hlo_path: str | None = None) -> d
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo)
-    flops = hlo_matmul_flops(hlo, routed_share=routed_share(config.text, mesh.shape["expert"]))
+    share = routed_share(config.text, mesh.shape["expert"])
+    flops = hlo_matmul_flops(hlo, routed_share=share)
     scale = flops["with_trips"] / flops["once"] if flops["once"] else 1.0
     kernels_s = flops["kernels"] / topo.peak_flops  # Pallas kernels, at peak: their own estimate
     compiler_s = compiler_seconds(cost, hlo)
-    if compiler_s is not None:
+    bodies = None
+    if compiler_s is not None and time_loops:
+        bodies = _loop_bodies(trainer, state, batch, frozen, compiler_s, flops["once"], share)
+    if bodies is not None:
+        # the loops' repeated trips at the time per matmul FLOP of their own bodies
+        est = compiler_s + bodies["s_per_flop"] * (flops["with_trips"] - flops["once"])
+        est += kernels_s
+        source = "compiler, loop bodies timed"
+    elif compiler_s is not None:
         est = compiler_s * scale + kernels_s
         source = "compiler"
     else:  # the host compiler gives no time: its FLOP count at the device's peak
@@ -636,8 +677,10 @@ def plan(cfg: TrainConfig, topology_name: str, hlo_path: str | None = None) -> d
         "compiler_optimal_seconds": float(cost.get("optimal_seconds", 0.0)),
         "compiler_s": compiler_s,
         "hlo_matmul_flops_per_chip": flops["with_trips"],
+        "hlo_matmul_flops_once_per_chip": flops["once"],
         "kernel_flops_per_chip": flops["kernels"],
         "loop_scale": scale,
+        "loop_bodies": bodies,
         "unknown_loops": flops["unknown_loops"],
         "est_step_s": est,
         "est_source": source,
@@ -685,6 +728,12 @@ def format_plan(r: Mapping[str, Any]) -> str:
             f"compile {r['compile_s']:.1f} s; estimated step {r['est_step_s']:.4g} s "
             f"({r['est_source']}, loops x{r['loop_scale']:.2f}); MFU {100 * r['est_mfu']:.1f}%"
         )
+        if r.get("loop_bodies"):
+            b = r["loop_bodies"]
+            lines.append(
+                f"loop bodies: {b['body_s']:.4g} s for {b['body_flops']:.4g} matmul FLOPs "
+                f"(a second compile, scans unrolled twice: {b['compile_s']:.1f} s)"
+            )
         n = r["collectives"]["counts"]
         lines.append(
             f"collectives: {n['all-reduce']} all-reduce (largest "
