@@ -512,13 +512,41 @@ def _take_rows_bwd(res, g):
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def _tile_loop(x, w, tile_expert, used, tile):
-    def body(t, out):
-        rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile)
-        y = jnp.dot(rows, w[tile_expert[t]]).astype(out.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(out, y, t * tile, 0)
+def _expert_runs(tile_expert: jax.Array, used: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The runs of consecutive tiles of one expert among the first `used` tiles: (first tile of
+    each run int[T + 1], ending with `used`; number of runs int[])."""
+    T = tile_expert.shape[0]
+    t = jnp.arange(T)
+    starts = (t < used) & ((t == 0) | (tile_expert != jnp.roll(tile_expert, 1)))
+    first = jnp.nonzero(starts, size=T, fill_value=T)[0]
+    first = jnp.minimum(jnp.append(first, T), used)  # run r spans tiles first[r]:first[r + 1]
+    return first.astype(jnp.int32), jnp.sum(starts, dtype=jnp.int32)
 
-    return jax.lax.fori_loop(0, used, body, jnp.zeros((x.shape[0], w.shape[-1]), x.dtype))
+
+def _over_experts(tile_expert, used, carry, expert_fn):
+    """carry = expert_fn(carry, e, first tile, end tile) for each expert that owns tiles: a loop
+    over experts, each slicing its weights once and looping over its own tiles inside (XLA:CPU
+    copies a dynamic slice of a stacked weight before a dot: once per expert, not per tile)."""
+    first, runs = _expert_runs(tile_expert, used)
+
+    def body(r, carry):
+        return expert_fn(carry, tile_expert[first[r]], first[r], first[r + 1])
+
+    return jax.lax.fori_loop(0, runs, body, carry)
+
+
+def _tile_loop(x, w, tile_expert, used, tile):
+    def expert(out, e, t0, t1):
+        we = w[e]
+
+        def one_tile(t, out):
+            y = jnp.dot(jax.lax.dynamic_slice_in_dim(x, t * tile, tile), we).astype(out.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, t * tile, 0)
+
+        return jax.lax.fori_loop(t0, t1, one_tile, out)
+
+    out = jnp.zeros((x.shape[0], w.shape[-1]), x.dtype)
+    return _over_experts(tile_expert, used, out, expert)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -537,19 +565,25 @@ def _grouped_matmul_fwd(x, w, tile_expert, used, tile):
 def _grouped_matmul_bwd(tile, res, g):
     x, w, tile_expert, used = res
 
-    def body(t, carry):
+    def expert(carry, e, t0, t1):
         dx, dw = carry
-        rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile)
-        g_rows = jax.lax.dynamic_slice_in_dim(g, t * tile, tile)
-        e = tile_expert[t]
-        dx_rows = jnp.dot(g_rows, w[e].T).astype(dx.dtype)
-        dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_rows, t * tile, 0)
-        dw_e = dw[e] + jnp.dot(rows.T, g_rows, preferred_element_type=jnp.float32)
-        return dx, jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0)
+        w_t = w[e].T
 
-    init = (jnp.zeros_like(x), jnp.zeros(w.shape, jnp.float32))
-    dx, dw = jax.lax.fori_loop(0, used, body, init)
-    return dx, dw.astype(w.dtype), None, None
+        def one_tile(t, inner):
+            dx, dw_e = inner
+            rows = jax.lax.dynamic_slice_in_dim(x, t * tile, tile)
+            g_rows = jax.lax.dynamic_slice_in_dim(g, t * tile, tile)
+            dx_rows = jnp.dot(g_rows, w_t).astype(dx.dtype)
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_rows, t * tile, 0)
+            return dx, dw_e + jnp.dot(rows.T, g_rows, preferred_element_type=jnp.float32)
+
+        dw_e = jnp.zeros(w.shape[1:], jnp.float32)
+        dx, dw_e = jax.lax.fori_loop(t0, t1, one_tile, (dx, dw_e))
+        return dx, jax.lax.dynamic_update_index_in_dim(dw, dw_e.astype(dw.dtype), e, 0)
+
+    init = (jnp.zeros_like(x), jnp.zeros(w.shape, w.dtype))
+    dx, dw = _over_experts(tile_expert, used, init, expert)
+    return dx, dw, None, None
 
 
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
