@@ -464,6 +464,8 @@ class TextModel(nnx.Module):
                 states, index, slot = xs
                 rls = []
                 for k, (graphdef, state) in enumerate(zip(graphdefs, states)):
+                    if k:  # the next layer's weights (their FSDP gathers) wait for its input
+                        state, x = jax.lax.optimization_barrier((state, x))
                     # a pattern of several layers rematerialises each on its own, so that the
                     # backward pass holds one layer's activations at a time, not the pattern's
                     run = functools.partial(apply, graphdef=graphdef)

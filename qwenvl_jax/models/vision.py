@@ -258,7 +258,9 @@ class VisionTower(nnx.Module):
                 return nnx.merge(graphdef, state)(x, angles, seg)
 
             def body(x, states, graphdefs=graphdefs, full=full, p=p, remat=remat):
-                for graphdef, state, f in zip(graphdefs, states, full, strict=True):
+                for k, (graphdef, state, f) in enumerate(zip(graphdefs, states, full, strict=True)):
+                    if k:  # the next block's weights (their FSDP gathers) wait for its input
+                        state, x = jax.lax.optimization_barrier((state, x))
                     seg = segment_ids if f else window_segment_ids
                     # a pattern of several blocks rematerialises each on its own: the backward
                     # pass holds one block's activations at a time, not the pattern's
