@@ -135,6 +135,7 @@ def _pil_open(fp: Any, name: str) -> PIL.Image.Image:
     """`PIL.Image.open(fp)` fully loaded. Images of more than `PIL.Image.MAX_IMAGE_PIXELS`
     pixels (PIL's decompression-bomb limit, 178,956,970 unless changed) are refused with an
     InputError instead of PIL's warning (or its error, from twice that size)."""
+    image = None
     try:
         # PIL warns (DecompressionBombWarning) from inside `open`; raise it instead. The warning
         # filters are process-wide, so the threads that open images take turns here.
@@ -143,6 +144,8 @@ def _pil_open(fp: Any, name: str) -> PIL.Image.Image:
             image = PIL.Image.open(fp)
         image.load()
     except Exception as e:
+        if image is not None:  # a file that fails to decode is closed, not left to the GC
+            image.close()
         raise InputError(f"cannot read image {name}: {e}") from None
     return image
 
