@@ -6,22 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 import PIL.Image
 import pytest
 
 from qwenvl_jax.cli import main
 from tests.checkpoints import session_checkpoint
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """The CLI turns JAX's persistent compilation cache on; keep it out of the home folder."""
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
 
 
 def _picture(path: Path, width: int, height: int) -> Path:

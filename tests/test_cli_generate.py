@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -35,16 +34,6 @@ from tests.test_generation_config import PENALIZED, narrow_vocabulary
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 NEW_TOKENS = 24
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """The CLI turns JAX's persistent compilation cache on; keep it out of the home folder."""
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    with jax.default_matmul_precision("highest"):
-        yield
-    jax.config.update("jax_compilation_cache_dir", old)
 
 
 def picture(folder: Path, name: str, size: tuple[int, int], seed: int) -> str:

@@ -41,15 +41,6 @@ from qwenvl_jax.processing.qwen_vl_v1 import PAT_STR, QwenTokenizer
 SCALE = 0.01  # 40 training scenes, 1 + 6 + 3 training steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """`generate` turns JAX's persistent compilation cache on; keep it out of the home folder."""
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
-
-
 # ------------------------------------------------------------------------------ the task
 
 

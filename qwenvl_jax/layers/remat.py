@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 from flax import nnx
@@ -76,6 +77,13 @@ def checkpointed(
 
     ordered.defvjp(forward, backward)
     return ordered
+
+
+def after(state: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+    """(state, x) behind one optimization barrier: the later layers of a scanned pattern pass
+    their weights through it with their input, so that the compiler gathers (FSDP) each layer's
+    weights when that layer runs, not all of the pattern's at the start of the body."""
+    return jax.lax.optimization_barrier((state, x))
 
 
 def call_block(block: nnx.Module, policy: str, *args: jax.Array) -> jax.Array:

@@ -5,7 +5,6 @@ joins the two."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -37,17 +36,16 @@ def model_class(family: str) -> type:
     return QwenVLForConditionalGeneration
 
 
-def _maker(config: ModelConfig, dtype, param_dtype) -> Callable[[jax.Array], nnx.Module]:
-    cls = model_class(config.family)
-    return lambda key: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
-
-
 @functools.lru_cache(maxsize=16)
 def _initializer(config: ModelConfig, dtype, param_dtype, mesh: Mesh):
     """(graphdef, abstract state, shardings, the jitted init of a random key). The key is an
     argument rather than a constant, so one compiled init serves every seed: compiling a model's
     init costs seconds even for the tiny presets, and tests build many of them."""
-    make = _maker(config, dtype, param_dtype)
+    cls = model_class(config.family)
+
+    def make(key: jax.Array) -> nnx.Module:
+        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
+
     with abstract_params():
         abs_model = make(jax.random.key(0))
     graphdef, abs_state = nnx.split(abs_model)

@@ -38,7 +38,7 @@ from qwenvl_jax.layers.linear import Embed, Linear
 from qwenvl_jax.layers.mlp import GatedMLP
 from qwenvl_jax.layers.moe import SparseMoE
 from qwenvl_jax.layers.norms import RMSNorm
-from qwenvl_jax.layers.remat import checkpointed, layer_scan_unroll
+from qwenvl_jax.layers.remat import after, checkpointed, layer_scan_unroll
 from qwenvl_jax.layers.rope import apply_rope, inv_freq, mrope_axes, rope_angles
 from qwenvl_jax.sharding import shard, stacked_params
 
@@ -464,8 +464,8 @@ class TextModel(nnx.Module):
                 states, index, slot = xs
                 rls = []
                 for k, (graphdef, state) in enumerate(zip(graphdefs, states)):
-                    if k:  # the next layer's weights (their FSDP gathers) wait for its input
-                        state, x = jax.lax.optimization_barrier((state, x))
+                    if k:
+                        state, x = after(state, x)
                     # a pattern of several layers rematerialises each on its own, so that the
                     # backward pass holds one layer's activations at a time, not the pattern's
                     run = functools.partial(apply, graphdef=graphdef)

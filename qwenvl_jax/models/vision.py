@@ -29,7 +29,7 @@ from qwenvl_jax.layers.attention import dot_product_attention
 from qwenvl_jax.layers.linear import Linear
 from qwenvl_jax.layers.mlp import MLP, GatedMLP
 from qwenvl_jax.layers.norms import LayerNorm, make_norm
-from qwenvl_jax.layers.remat import checkpointed, layer_scan_unroll
+from qwenvl_jax.layers.remat import after, checkpointed, layer_scan_unroll
 from qwenvl_jax.layers.rope import apply_rope, inv_freq, rope_angles
 from qwenvl_jax.models.text import LayerGroup, group_runs, tile_groups
 from qwenvl_jax.models.vision_inputs import VisionBatch, is_grouped
@@ -259,8 +259,8 @@ class VisionTower(nnx.Module):
 
             def body(x, states, graphdefs=graphdefs, full=full, p=p, remat=remat):
                 for k, (graphdef, state, f) in enumerate(zip(graphdefs, states, full, strict=True)):
-                    if k:  # the next block's weights (their FSDP gathers) wait for its input
-                        state, x = jax.lax.optimization_barrier((state, x))
+                    if k:
+                        state, x = after(state, x)
                     seg = segment_ids if f else window_segment_ids
                     # a pattern of several blocks rematerialises each on its own: the backward
                     # pass holds one block's activations at a time, not the pattern's
