@@ -176,3 +176,36 @@ def test_checkpoints_keep_one_entry_per_block(tmp_path):
         CheckpointError, match=r"lacks parameter visual\.blocks\.5\.mlp\.down_proj\."
     ):
         from_pretrained(tmp_path / "b", dtype="float32")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_one_run_per_block_is_the_same_tower(name):
+    """The CPU inference layout (`one_run_per_layer`: each ViT block its own group of one, too)
+    gives the stacked tower's output and DeepStack features, and the generator makes a new copy
+    when any weight of the model changes (a stage that trains only the ViT)."""
+    from qwenvl_jax.inference.generate import Generator
+    from qwenvl_jax.models.text import one_run_per_layer
+
+    cfg = CONFIGS[name]()
+    model = build_model(cfg, seed=2)
+    view = one_run_per_layer(model)
+    assert view.visual.groups == tuple((i, 1, 1) for i in range(cfg.vision.depth))
+    assert model.visual.groups == block_groups(cfg.vision)
+    _, _, _, vision = batch_to_model_inputs(next(SyntheticBatches(cfg, 2, 64, seed=1)))
+    run = jax.jit(lambda tower, v: tower(v))
+    with jax.default_matmul_precision("highest"):
+        want, got = run(model.visual, vision), run(view.visual, vision)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert _rel(np.asarray(b), np.asarray(a)) < 1e-5
+    gen = Generator.for_model(model)
+    first = gen.running_model()
+    assert gen.running_model() is first
+    qkv = model.visual.runs[0].attn.qkv.kernel
+    qkv.set_value(qkv.get_value() * 2)
+    second = gen.running_model()
+    assert second is not first
+    np.testing.assert_array_equal(
+        np.asarray(second.visual.runs[0].attn.qkv.kernel.get_value()[0]),
+        np.asarray(qkv.get_value()[0]),
+    )

@@ -305,10 +305,9 @@ class Generator:
         (`models.text.one_run_per_layer`: XLA:CPU would copy each stacked layer's weights out of
         the stack on every decode step), made once and again only when the weights change."""
         model = self._model()
-        text = model.language_model
-        if jax.default_backend() != "cpu" or len(text.runs) == text.cfg.num_hidden_layers:
+        if jax.default_backend() != "cpu":
             return model
-        leaves = jax.tree.leaves(nnx.state(model.language_model.runs))
+        leaves = jax.tree.leaves(nnx.state(model))  # the view shares every array of the model
         if self._view is None or any(a is not b for a, b in zip(self._view[0], leaves)):
             self._view = (leaves, one_run_per_layer(model))
         return self._view[1]
