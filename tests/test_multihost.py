@@ -1,6 +1,7 @@
 """Two processes (`jax.distributed` on this machine, one CPU device each, gloo collectives) train
-one run together: each feeds its own rows and patch groups, checkpoints are written once, and a
-run killed with SIGKILL resumes on both processes to the losses of an uninterrupted run."""
+one run together: each feeds its own rows and patch groups (Qwen-VL v1: its rows' pictures), the
+run gives the bits of the same run on one process with two devices, checkpoints are written once,
+and a run killed with SIGKILL resumes on both processes to the bits of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir: Path, cache: Path) -> list[subprocess.Popen]:
-    env = dict(
+def _env(cache: Path) -> dict[str, str]:
+    return dict(
         os.environ,
         PYTHONPATH=str(REPO),
         TF_CPP_MIN_LOG_LEVEL="3",
@@ -53,6 +54,10 @@ def start(workdir: Path, cache: Path) -> list[subprocess.Popen]:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
+
+
+def start(workdir: Path, cache: Path, args: list[str] = ARGS) -> list[subprocess.Popen]:
+    env = _env(cache)
     env.pop("XLA_FLAGS", None)  # one device a process
     port = _free_port()
     return [
@@ -70,7 +75,7 @@ def start(workdir: Path, cache: Path) -> list[subprocess.Popen]:
                 "2",
                 "--process-id",
                 str(i),
-                *ARGS,
+                *args,
             ],
             env=env,
             stdout=subprocess.PIPE,
@@ -80,6 +85,14 @@ def start(workdir: Path, cache: Path) -> list[subprocess.Popen]:
         )
         for i in range(2)
     ]
+
+
+def one_process(workdir: Path, cache: Path, args: list[str] = ARGS) -> None:
+    """The same run on one process with two devices."""
+    env = dict(_env(cache), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    command = [sys.executable, "-m", "qwenvl_jax.cli", "train", "--workdir", str(workdir), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
@@ -100,6 +113,28 @@ def records(workdir: Path) -> list[dict]:
     return out
 
 
+def trained(workdir: Path, step: int) -> list[np.ndarray]:
+    """The train state (step, parameters, optimiser state) of checkpoint `step`, as numpy."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = workdir / "checkpoints" / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as c:
+        tree = c.metadata(path).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return jax.tree.leaves(c.restore(path, restore_args=args))
+
+
+def assert_same_bits(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b) > 0
+    differ = sum(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert differ == 0, f"{differ} of {len(a)} arrays of the train state differ"
+
+
+def losses(workdir: Path) -> list[tuple[float, float]]:
+    return [(r["loss"], r["grad_norm"]) for r in records(workdir)]
+
+
 def committed(workdir: Path) -> list[int]:
     folder = workdir / "checkpoints"
     if not folder.is_dir():
@@ -110,6 +145,7 @@ def committed(workdir: Path) -> list[int]:
 def test_two_processes_train_and_resume_after_sigkill(tmp_path):
     cache = tmp_path / "jax_cache"
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    one_dir = tmp_path / "one_process"
     results = finish(start(ref_dir, cache))
     for rc, err in results:
         assert rc == 0, err[-3000:]
@@ -121,6 +157,10 @@ def test_two_processes_train_and_resume_after_sigkill(tmp_path):
     assert not [p for p in ref_dir.iterdir() if ".tmp-" in p.name]
     saved = json.loads((ref_dir / "checkpoints" / str(STEPS) / "data" / "metadata").read_text())
     assert len(saved["iterators"]) == 2  # each process's data iterator
+    # the rows and patch groups of the two processes make the batch of one process
+    one_process(one_dir, cache)
+    assert losses(one_dir) == losses(ref_dir)
+    assert_same_bits(trained(ref_dir, STEPS), trained(one_dir, STEPS))
 
     procs = start(run_dir, cache)
     deadline = time.time() + 500
@@ -141,4 +181,19 @@ def test_two_processes_train_and_resume_after_sigkill(tmp_path):
         assert rc == 0, err[-3000:]
     resumed = records(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
-    np.testing.assert_array_equal([r["loss"] for r in resumed], [r["loss"] for r in reference])
+    assert losses(run_dir) == losses(ref_dir)
+    assert_same_bits(trained(run_dir, STEPS), trained(ref_dir, STEPS))
+
+
+def test_two_processes_feed_their_own_pictures_qwen_vl_v1(tmp_path):
+    """Qwen-VL v1's pictures are replicated, and each process reads only its own rows'
+    pictures: the step gathers them into the global batch's order."""
+    cache = tmp_path / "jax_cache"
+    args = [a for a in ARGS if not a.startswith(("model=", "steps=", "seq_len="))]
+    args += ["model=tiny_qwen_vl", "steps=2", "seq_len=300"]
+    for rc, err in finish(start(tmp_path / "two", cache, args)):
+        assert rc == 0, err[-3000:]
+    one_process(tmp_path / "one", cache, args)
+    assert len(losses(tmp_path / "two")) == 2
+    assert losses(tmp_path / "two") == losses(tmp_path / "one")
+    assert_same_bits(trained(tmp_path / "two", 2), trained(tmp_path / "one", 2))

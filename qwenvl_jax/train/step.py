@@ -83,6 +83,18 @@ def chunked_cross_entropy(
     return total, count
 
 
+def global_batch_shape(key: str, local: tuple[int, ...], processes: int) -> tuple[int, ...]:
+    """The global shape of batch entry `key` whose share on each of `processes` processes has
+    shape `local`: the rows (axis 1 of position_ids, axis 0 of the rest) and patch groups are
+    split between the processes; Qwen-VL v1's pictures are whole on each."""
+    if key == V1_PIXELS or processes == 1:
+        return tuple(local)
+    axis = 1 if key == "position_ids" else 0
+    shape = list(local)
+    shape[axis] *= processes
+    return tuple(shape)
+
+
 class Trainer:
     """The train step of one run: state layout, shardings and the compiled step.
 
@@ -177,13 +189,40 @@ class Trainer:
         return NamedSharding(self.mesh, logical_to_spec(axes, shape, self.mesh))
 
     def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host batch -> global device arrays sharded over the batch axes."""
-        return {
-            k: jax.make_array_from_process_local_data(
-                self.batch_sharding(k, np.shape(v)), np.asarray(v)
-            )
-            for k, v in batch.items()
-        }
+        """This process's share of a batch (its rows and their patch groups) -> global device
+        arrays sharded over the batch axes. Each process holds an equal share, so the global
+        batch has `process_count` times the local rows and groups; the shardings are those of
+        the global shapes."""
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        if jax.process_count() > 1 and V1_PIXELS in batch:
+            batch[V1_PIXELS] = self._all_pictures(batch)
+        out = {}
+        for k, v in batch.items():
+            shape = global_batch_shape(k, v.shape, jax.process_count())
+            out[k] = jax.make_array_from_process_local_data(self.batch_sharding(k, shape), v, shape)
+        return out
+
+    def _all_pictures(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Qwen-VL v1's pictures of the global batch, the same on every process: they are
+        replicated and spliced at the `<img>` spans in row-major order of the global batch, while
+        each process holds only its own rows' pictures (then padding). Every process's are
+        gathered and laid out in the order of their rows in the global batch, then padding."""
+        from jax.experimental import multihost_utils
+
+        ids = batch["input_ids"]
+        shape = global_batch_shape("input_ids", ids.shape, jax.process_count())
+        where = self.batch_sharding("input_ids", shape).addressable_devices_indices_map(shape)
+        first_row = min(index[0].start or 0 for index in where.values())
+        count = int(np.sum(ids == self.config.vision.image_start_id))
+        rows = multihost_utils.process_allgather(np.asarray([first_row, count], np.int64))
+        pixels = np.asarray(multihost_utils.process_allgather(batch[V1_PIXELS]))
+        out = np.zeros((pixels.shape[0] * pixels.shape[1], *pixels.shape[2:]), pixels.dtype)
+        k = 0
+        for p in np.argsort(rows[:, 0], kind="stable"):
+            n = int(rows[p, 1])
+            out[k : k + n] = pixels[p, :n]
+            k += n
+        return out
 
     # -- the step ------------------------------------------------------------------------------
     def loss(
@@ -259,4 +298,10 @@ class Trainer:
         return self._compiled(state, self.frozen, batch)
 
 
-__all__ = ["Trainer", "TrainState", "chunked_cross_entropy", "cross_entropy"]
+__all__ = [
+    "Trainer",
+    "TrainState",
+    "chunked_cross_entropy",
+    "cross_entropy",
+    "global_batch_shape",
+]

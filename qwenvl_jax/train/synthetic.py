@@ -70,19 +70,26 @@ class SyntheticBatches:
         return self.local(self.batch(i))
 
     def local(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """This process's share of a global batch: its rows and their patch groups (Qwen-VL
-        v1's pictures are replicated, so every process holds them all)."""
+        """This process's share of a global batch, as the data pipeline gives it: its rows and
+        their patch groups, or for Qwen-VL v1 its rows' pictures, then padding."""
         p, n = self.process
         if n == 1:
             return batch
         out = {}
         for key, value in batch.items():
-            axis = 1 if key == "position_ids" else 0
             if key == V1_PIXELS:
-                out[key] = value
                 continue
+            axis = 1 if key == "position_ids" else 0
             size = value.shape[axis] // n
             out[key] = np.take(value, np.arange(p * size, (p + 1) * size), axis=axis)
+        if V1_PIXELS in batch:
+            hits = batch["input_ids"] == self.config.vision.image_start_id
+            rows = self.B // n
+            before = int(np.sum(hits[: p * rows]))
+            mine = int(np.sum(hits[p * rows : (p + 1) * rows]))
+            pixels = batch[V1_PIXELS]
+            out[V1_PIXELS] = np.zeros((len(pixels) // n, *pixels.shape[1:]), pixels.dtype)
+            out[V1_PIXELS][:mine] = pixels[before : before + mine]
         return out
 
     def get_state(self) -> dict[str, Any]:
