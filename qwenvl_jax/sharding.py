@@ -132,6 +132,15 @@ def current_mesh() -> Mesh | None:
     return _mesh_var.get()
 
 
+def target_platform() -> str:
+    """The platform of the program being traced: that of the mesh in use (`plan` traces on a
+    CPU host for TPU devices), else JAX's default backend."""
+    mesh = _mesh_var.get()
+    if mesh is not None and mesh.devices.size:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
 def current_rules() -> tuple:
     return _rules_var.get() or RULES
 
