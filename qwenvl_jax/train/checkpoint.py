@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import os
 import signal
 import sys
 import threading
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +184,33 @@ def _collect_abandoned_reads() -> None:
 
         sys.unraisablehook = hook
         logging.getLogger("asyncio").addFilter(_AbandonedReadTasks())
+        # a read coroutine created but never started warns when it is finalised, which can
+        # be as late as interpreter shutdown ("sys:1: RuntimeWarning: coroutine ... was never
+        # awaited")
+        names = "|".join(sorted(_orbax_coroutines()))
+        if names:
+            warnings.filterwarnings(
+                "ignore", f"coroutine '({names})' was never awaited", RuntimeWarning
+            )
     gc.collect()
+
+
+def _orbax_coroutines() -> set[str]:
+    """The qualified names of the coroutine functions of the loaded Orbax modules (module
+    level and class methods), escaped for a regular expression."""
+    import re
+
+    names = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("orbax.") or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            members = list(vars(obj).values()) if isinstance(obj, type) else []
+            for f in (obj, *members):
+                f = getattr(f, "__func__", f)
+                if inspect.iscoroutinefunction(f) and getattr(f, "__module__", "") == name:
+                    names.add(re.escape(f.__qualname__))
+    return names
 
 
 def reason(e: BaseException) -> str:
