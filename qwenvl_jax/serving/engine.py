@@ -380,7 +380,7 @@ class Engine:
             self._check_room()
 
     def _check_room(self) -> None:
-        waiting = len(self._queue)
+        waiting = sum(not r.cancelled for r in self._queue)  # a cancelled one leaves unserved
         if waiting >= self.max_queue and waiting >= self._free_rows():
             raise Overloaded(f"the server is busy ({waiting} requests queued)")
 
