@@ -69,7 +69,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 assert jax.device_count() == 8, jax.devices()
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from qwenvl_jax.layers.moe import SparseMoE, experts_gmm, experts_parallel, experts_ragged
+from qwenvl_jax.layers.moe import (
+    SparseMoE, experts_gmm, experts_parallel, experts_ragged, round_rows,
+)
 from qwenvl_jax.sharding import make_mesh, named_sharding, state_shardings, use_mesh
 
 D, I, E, K = 64, 40, 8, 2  # feature sizes apart from the token counts
@@ -123,6 +125,9 @@ for mesh_axes, (B, T) in (
     chosen = np.asarray(jax.lax.top_k(logits, K)[1]).ravel()
     counts = np.bincount(chosen, minlength=E)
     assert (counts[list(EMPTY)] == 0).all() and len(set(counts[counts > 0])) > 1, counts
+    if mesh_axes == dict(expert=8) and B * T == 24:  # one expert a device, 3 tokens each
+        # expert 0's device receives more copies than a round holds: it takes several rounds
+        assert counts[0] > round_rows(3, K, 8 * 3), (counts, round_rows(3, K, 8 * 3))
     want = grad(params, x, graph)
 
     mesh = make_mesh(**mesh_axes)
@@ -240,13 +245,16 @@ def test_a_tpu_compile_gathers_no_full_expert_weights():
     kernels = re.findall(
         r"%(\S+) = [^\n]*custom-call\([^\n]*custom_call_target=\"tpu_custom_call\"", text
     )
-    assert sum(n.startswith("gmm") for n in kernels) == 4, kernels
+    # the forward's two; the gradient recomputes the first (the second's output is not needed)
+    # and runs two for the inputs' gradients
+    assert sum(n.startswith("gmm") for n in kernels) == 5, kernels
     assert sum(n.startswith("tgmm") for n in kernels) == 2, kernels
     results = re.findall(r"= ([^=]*?) all-gather(?:-start)?\(", text)
     shapes = [s for r in results for s in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", r)]
-    # the copies go to the chips of their experts and back by ragged all-to-all (two each way:
-    # forward, and the gradient's), and no token row is all-gathered
-    assert len(re.findall(r" ragged-all-to-all(?:-start)?\(", text)) == 4, "ragged-all-to-all"
+    # the copies go to the chips of their experts and back by ragged all-to-all (forward: there
+    # and back; gradient: the copies and their cotangents there, the gradients back), and no
+    # token row is all-gathered
+    assert len(re.findall(r" ragged-all-to-all(?:-start)?\(", text)) == 5, "ragged-all-to-all"
     assert not [s for s in shapes if s.endswith(f",{D}")], shapes
     # one expert a chip, split on experts alone: no expert weight is gathered at all
     assert not [s for s in shapes if s.endswith((f",{D},{2 * I}", f",{I},{D}"))], shapes

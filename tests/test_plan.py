@@ -5,7 +5,6 @@ estimated MFU stays a real bound; a step that does not fit exits 2 in one line."
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -17,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh
 
 from qwenvl_jax.cli import main
-from qwenvl_jax.config import load_config
+from qwenvl_jax.layers.moe import routed_share
+from qwenvl_jax.sharding import MESH_AXES
 from qwenvl_jax.train import plan as plan_mod
 from qwenvl_jax.train.plan import hlo_matmul_flops
 
@@ -296,18 +297,18 @@ def test_expert_kernels_count_the_share_of_rows_routed_to_the_chip():
     assert hlo_matmul_flops(KERNELS, routed_share=1 / 8)["kernels"] == 8000 / 8 + 1000
 
 
-def test_routed_share_is_the_tokens_copies_over_the_receive_buffer():
-    # a chip's buffer holds ep * n * min(k, experts a chip) rows, of which n * k are its share
-    def share(E, k, ep):
-        text = dataclasses.replace(
-            load_config("tiny_qwen3_vl_moe").text, num_experts=E, num_experts_per_tok=k
-        )
-        return plan_mod.routed_share(text, ep)
-
-    assert share(128, 8, 8) == 1 / 8  # Qwen3-VL-30B-A3B on expert 8: 16 experts a chip
-    assert share(8, 2, 8) == 1 / 4  # one expert a chip receives at most one copy a token
-    assert share(128, 8, 1) == 1.0
-    assert share(0, 0, 8) == 1.0
+def test_routed_share_is_the_tokens_copies_over_a_round_of_the_receive_window():
+    # a chip receives its n tokens' k copies under balanced routing, of a round's rows: n * k
+    # plus 25% headroom (in whole sublanes), or the worst case when that is smaller
+    tokens = 32 * 4096  # 30B-A3B: 128 experts, top 8, 32 rows of 4096 over fsdp 4 x expert 8
+    mesh = AbstractMesh((1, 4, 1, 8), MESH_AXES)
+    assert routed_share(tokens, 8, 128, mesh) == 4096 * 8 / (1.25 * 4096 * 8)
+    # one expert a chip receives at most one copy a token from each chip: 8 x 1 rows, of which
+    # 2 are the chip's share under balanced routing (n = 1, k = 2: 2.5 rounds up to 8)
+    mesh = AbstractMesh((1, 1, 1, 8), MESH_AXES)
+    assert routed_share(8, 2, 8, mesh) == 2 / 8
+    assert routed_share(tokens, 8, 128, None) == 1.0
+    assert routed_share(tokens, 0, 0, mesh) == 1.0  # dense
 
 
 # A batched matmul as the TPU compiler writes it: a convolution whose window runs over the 4

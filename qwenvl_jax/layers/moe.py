@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -153,17 +154,19 @@ def experts_parallel(
     other mesh axes of their feature dimensions (fsdp, and tensor: the experts' hidden dimension
     is gathered whole rather than split, so the tensor devices repeat the same work, as on the
     unsplit path). It sorts its own tokens' k copies by expert, which groups them by the device
-    holding that expert, and a ragged all-to-all over `expert` sends each device exactly the
+    holding that expert, and ragged all-to-alls over `expert` send each device exactly the
     copies routed to its experts (dispatch); the device runs the backend (`experts_fn(x, ids,
     w_gate_up, w_down, act=act)`, by default the platform's: tiled, gmm or ragged_dot) on the
-    rows it received, grouped by its local expert, and a second ragged all-to-all sends every
-    output row back to the device of its token (combine), which sums each token's weighted
-    outputs. No device holds more than E/ep experts' weights or computes another device's
-    copies, the result is the unsplit computation's, and nothing is dropped: a device's receive
-    buffer holds the worst case (every copy of the group routed to its experts), of which the
-    backend computes only the rows received. The gradient of each exchange is the exchange
-    back; the weights' gradients are reduce-scattered over fsdp/tensor. Token counts the batch
-    split does not divide are padded with rows routed to no expert.
+    rows it received, and ragged all-to-alls send every output row back to the device of its
+    token (combine), which sums each token's weighted outputs. No device holds more than E/ep
+    experts' weights or computes another device's copies, the result is the unsplit
+    computation's, and nothing is dropped. The exchange runs in rounds (`_routed`): a device
+    receives a window of `round_rows` rows a round (its own tokens' copies, what balanced
+    routing sends it, plus headroom), and the rounds repeat until the fullest device has
+    received all its rows, so buffers and work scale with the routing rather than with the
+    worst case (every copy of the expert group routed to one device's experts). The gradient
+    runs the same rounds; the weights' gradients are reduce-scattered over fsdp/tensor. Token
+    counts the batch split does not divide are padded with rows routed to no expert.
 
     The ragged all-to-all is XLA's on TPU and GPU; XLA:CPU has none, so on CPU devices the same
     exchange is an all-to-all of fixed-size blocks (`_ragged_all_to_all`).
@@ -173,24 +176,17 @@ def experts_parallel(
     run = functools.partial(experts_fn or experts_by_platform, act=act)
     N, k = experts.shape
     E = w_gate_up.shape[0]
-    ep = mesh.shape["expert"]
-    here = E // ep
-    (batch,) = logical_to_spec(("batch",), mesh=mesh)
-    token_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
-    if "expert" not in token_axes:
-        token_axes = (*token_axes, "expert")
-    split = int(np.prod([mesh.shape[a] for a in token_axes]))
-    pad = -N % split
+    ep, here = mesh.shape["expert"], E // mesh.shape["expert"]
+    split = _ExpertSplit.of(N, k, E, mesh)
+    pad = split.n * split.devices - N
     if pad:  # rows of weight zero, routed to no expert
         x = jnp.pad(x, ((0, pad), (0, 0)))
         experts = jnp.pad(experts, ((0, pad), (0, 0)), constant_values=E)
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
-    # the most copies one device sends another: each token's k experts are distinct
-    block = (N + pad) // split * min(k, here)
     gate_up_spec = logical_to_spec(EXPERT_AXES, w_gate_up.shape, mesh)
     down_axes = (EXPERT_AXES[0], EXPERT_AXES[2], EXPERT_AXES[1])
     down_spec = logical_to_spec(down_axes, w_down.shape, mesh)
-    tokens = PartitionSpec(token_axes, None)
+    tokens = PartitionSpec(split.token_axes, None)
 
     def gather_features(w, spec):  # the local experts' weights whole
         for dim in (1, 2):
@@ -198,18 +194,17 @@ def experts_parallel(
                 w = jax.lax.all_gather(w, spec[dim], axis=dim, tiled=True)
         return w
 
+    def per_device(*args):  # no nested split of the backend (also when differentiated)
+        with use_mesh(None):
+            return run(*args)
+
     def local(x, experts, weights, w_gate_up, w_down):
         w_gate_up = gather_features(w_gate_up, gate_up_spec)
         w_down = gather_features(w_down, down_spec)
-        n = x.shape[0]
         # the copies sorted by expert: grouped by destination device; id E (none) last, unsent
         copies, perm, counts = _by_expert(x, experts, E)
-        plan = _ExchangePlan.of(counts.reshape(ep, here), block)
-        received = plan.dispatch(copies)  # [ep * block, D]: by source device, then expert
-        ids = plan.received_experts()
-        with use_mesh(None):  # per device: no nested split of the backend
-            y = run(received, ids[:, None], w_gate_up, w_down)[:, 0]
-        out = _unsort(plan.combine(y, n * k), perm, experts)  # [n, k, D]
+        rounds = _Rounds.of(counts.reshape(ep, here), split.rows, split.block, mesh.axis_names)
+        out = _unsort(_routed(per_device, rounds, copies, w_gate_up, w_down), perm, experts)
         return jnp.sum(out * weights[..., None], axis=1)
 
     out = jax.shard_map(
@@ -222,14 +217,71 @@ def experts_parallel(
     return out[:N]
 
 
-@dataclasses.dataclass(frozen=True)
-class _ExchangePlan:
-    """Sizes and offsets of the ragged all-to-alls of `experts_parallel` on one device, inside
-    the shard_map over `expert` (ep devices, E/ep experts each); all int32[ep] but `recv_counts`.
+# A device's expected share of the token copies under balanced routing is its own n tokens' k
+# copies. Expert parallelism exchanges and computes the copies in rounds of that share plus
+# headroom, as many rounds as the busiest device of the mesh needs, so that the exchange buffers
+# and the work around the expert kernels scale with the rows routed, not with the worst case a
+# dropless exchange must admit (ep times the share, when a device holds k experts or more).
+ROUND_HEADROOM = 1.25
 
-    send: rows to each device, from send_off in the sorted copies; land: where they land in
-    that device's receive buffer; recv: rows from each device, at recv_off in the buffer; back:
-    where the rows returned to each device land in its copies (its send_off of this device).
+
+def round_rows(n: int, k: int, worst: int) -> int:
+    """The rows a device receives in one round: its n tokens' k copies plus headroom, a
+    multiple of 8, at most `worst` (the most rows it can be sent in all)."""
+    return min(-(-math.ceil(ROUND_HEADROOM * n * k) // 8) * 8, worst)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExpertSplit:
+    """How `experts_parallel` splits N tokens' k copies over a mesh: the tokens over
+    `token_axes` (the batch's mesh axes and `expert`), n a device (N padded to whole devices);
+    `block`, the most copies one device sends another (each token's k experts are distinct);
+    `rows`, the rows a device receives in a round (`round_rows`)."""
+
+    token_axes: tuple[str, ...]
+    devices: int
+    n: int
+    block: int
+    rows: int
+
+    @classmethod
+    def of(cls, N: int, k: int, E: int, mesh: Mesh) -> _ExpertSplit:
+        (batch,) = logical_to_spec(("batch",), mesh=mesh)
+        axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+        if "expert" not in axes:
+            axes = (*axes, "expert")
+        devices = int(np.prod([mesh.shape[a] for a in axes]))
+        ep = mesh.shape["expert"]
+        n = -(-N // devices)
+        block = n * min(k, E // ep)
+        return cls(axes, devices, n, block, round_rows(n, k, ep * block))
+
+
+def routed_share(tokens: int, k: int, num_experts: int, mesh: Mesh | None) -> float:
+    """The share of the rows a device's expert kernels are handed that they compute, under
+    balanced routing: the n tokens' k copies a device receives, of a round's rows (the loop of
+    rounds runs once); 1 when the mesh does not split the experts."""
+    if not num_experts or not splits_experts(mesh, num_experts):
+        return 1.0
+    split = _ExpertSplit.of(tokens, k, num_experts, mesh)
+    return split.n * k / split.rows
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["recv_counts", "send", "send_off", "land", "recv", "recv_off", "back", "trips"],
+    meta_fields=["rows", "block"],
+)
+@dataclasses.dataclass(frozen=True)
+class _Rounds:
+    """The exchanges of `experts_parallel` on one device, inside the shard_map over `expert` (ep
+    devices, E/ep experts each); int32[ep] but `recv_counts` and `trips`.
+
+    Over all rounds, as if in one exchange: send: rows to each device, from send_off in the
+    sorted copies; land: where they land in that device's (virtual, whole) receive buffer; recv:
+    rows from each device, at recv_off in the buffer; back: where the rows returned to each
+    device land in its copies (its send_off of this device). Round t moves the rows of window
+    [t * rows, (t + 1) * rows) of every receive buffer; `trips` rounds cover the fullest buffer.
     """
 
     recv_counts: jax.Array  # int32[ep, E/ep]: rows from each device for each local expert
@@ -239,10 +291,12 @@ class _ExchangePlan:
     recv: jax.Array
     recv_off: jax.Array
     back: jax.Array
-    block: int
+    trips: jax.Array  # int32[]: the same on every device of the mesh
+    rows: int  # rows a device receives in a round
+    block: int  # the most rows one device sends another in a round
 
     @classmethod
-    def of(cls, counts: jax.Array, block: int) -> _ExchangePlan:
+    def of(cls, counts: jax.Array, rows: int, block: int, axes: tuple[str, ...]) -> _Rounds:
         """counts: int32[ep, E/ep], this device's copies routed to each device's experts."""
 
         def exchanged(a):  # row d goes to device d; row s of the result came from device s
@@ -253,66 +307,102 @@ class _ExchangePlan:
         recv = jnp.sum(recv_counts, axis=1)
         send_off, recv_off = (jnp.cumsum(a) - a for a in (send, recv))
         land, back = exchanged(recv_off), exchanged(send_off)
-        return cls(recv_counts, send, send_off, land, recv, recv_off, back, block)
+        # every device loops as often as the fullest buffer needs (one loop, uniform collectives)
+        trips = jax.lax.pmax((jnp.sum(recv) + rows - 1) // rows, axes)
+        block = min(block, rows)
+        return cls(recv_counts, send, send_off, land, recv, recv_off, back, trips, rows, block)
 
-    def dispatch(self, copies: jax.Array) -> jax.Array:
-        out_rows = self.send.shape[0] * self.block
-        forward = (self.send_off, self.send, self.land, self.recv)
-        backward = (self.recv_off, self.recv, self.back, self.send)
-        return _exchange(copies, forward, backward, out_rows, self.block)
+    def window(self, t: jax.Array) -> tuple[tuple, tuple]:
+        """Round t's dispatch and combine: (send_off, send, land, recv) of each exchange."""
+        start, end = t * self.rows, (t + 1) * self.rows
+        lo = jnp.clip(self.land, start, end)  # this device's rows in each device's window
+        send = jnp.clip(self.land + self.send, start, end) - lo
+        send_off, land = self.send_off + lo - self.land, lo - start
+        lo = jnp.clip(self.recv_off, start, end)  # each device's rows in this device's window
+        recv = jnp.clip(self.recv_off + self.recv, start, end) - lo
+        recv_off, back = lo - start, self.back + lo - self.recv_off
+        return (send_off, send, land, recv), (recv_off, recv, back, send)
 
-    def combine(self, rows: jax.Array, out_rows: int) -> jax.Array:
-        forward = (self.recv_off, self.recv, self.back, self.send)
-        backward = (self.send_off, self.send, self.land, self.recv)
-        return _exchange(rows, forward, backward, out_rows, self.block)
-
-    def received_experts(self) -> jax.Array:
-        """The local expert of each received row (E/ep for the unused rows after them)."""
+    def experts(self, t: jax.Array) -> jax.Array:
+        """The local expert of each row of round t's window (E/ep after the received rows)."""
         here = self.recv_counts.shape[1]
         ends = jnp.cumsum(self.recv_counts.reshape(-1))  # by source device, then expert
-        rows = jnp.arange(self.send.shape[0] * self.block, dtype=jnp.int32)
-        segment = jnp.searchsorted(ends, rows, side="right").astype(jnp.int32)
+        rows = t * self.rows + jnp.arange(self.rows, dtype=jnp.int32)
+        segment = jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)
         return jnp.where(segment < ends.shape[0], segment % here, here)
 
+    def dispatch(self, t: jax.Array, copies: jax.Array) -> jax.Array:
+        """Round t's rows of the devices' copies routed here: float[rows, D], zero after them."""
+        out = jnp.zeros((self.rows, copies.shape[1]), copies.dtype)
+        return _ragged_all_to_all(copies, out, *self.window(t)[0], block=self.block)
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _exchange(rows, forward, backward, out_rows, block):
-    """The ragged all-to-all of `rows` by `forward` (send offsets, send sizes, landing offsets,
-    receive sizes) into zeros[out_rows, D]; its gradient is the exchange back by `backward`."""
-    return _ragged_all_to_all(rows, out_rows, *forward, block=block)
-
-
-def _exchange_fwd(rows, forward, backward, out_rows, block):
-    return _exchange(rows, forward, backward, out_rows, block), (rows.shape[0], backward)
-
-
-def _exchange_bwd(out_rows, block, res, g):
-    in_rows, backward = res
-    return _ragged_all_to_all(g, in_rows, *backward, block=block), None, None
+    def combine(self, t: jax.Array, rows: jax.Array, out: jax.Array) -> jax.Array:
+        """`out` (this device's copies) with round t's rows, computed elsewhere, put back."""
+        rows = rows.astype(out.dtype)
+        return _ragged_all_to_all(rows, out, *self.window(t)[1], block=self.block)
 
 
-_exchange.defvjp(_exchange_fwd, _exchange_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _routed(run, rounds, copies, w_gate_up, w_down):
+    """Each copy through its expert, on the device that holds the expert: for each round, the
+    window's rows dispatched, the backend run on them (`run(rows, ids[:, None], w_gate_up,
+    w_down)`: rows are independent, so computing them a window at a time is computing them at
+    once) and the outputs combined back into this device's copies (zero where no expert).
+
+    The gradient loops over the same rounds: it dispatches the rows and their output cotangents,
+    recomputes the window's forward for its VJP, combines the rows' gradients back and sums the
+    weights' gradients over the rounds in float32."""
+    return _routed_fwd(run, rounds, copies, w_gate_up, w_down)[0]
 
 
-def _ragged_all_to_all(rows, out_rows, send_off, send, land, recv, *, block):
-    """XLA's ragged all-to-all over `expert` into zeros[out_rows, D] (TPU, GPU); on CPU, where
-    XLA has none, an all-to-all of [block, D] blocks (block bounds every send) placed by row."""
+def _routed_fwd(run, rounds, copies, w_gate_up, w_down):
+    def body(t, out):
+        y = run(rounds.dispatch(t, copies), rounds.experts(t)[:, None], w_gate_up, w_down)
+        return rounds.combine(t, y[:, 0], out)
 
-    def native(rows, send_off, send, land, recv):
-        out = jnp.zeros((out_rows, rows.shape[1]), rows.dtype)
+    out = jax.lax.fori_loop(0, rounds.trips, body, jnp.zeros_like(copies))
+    return out, (rounds, copies, w_gate_up, w_down)
+
+
+def _routed_bwd(run, res, g):
+    rounds, copies, w_gate_up, w_down = res
+
+    def body(t, carry):
+        d_copies, d_gate_up, d_down = carry
+        ids = rounds.experts(t)[:, None]
+        received, g_received = rounds.dispatch(t, copies), rounds.dispatch(t, g)
+        _, vjp = jax.vjp(lambda r, a, b: run(r, ids, a, b)[:, 0], received, w_gate_up, w_down)
+        d_rows, d_a, d_b = vjp(g_received)
+        d_copies = rounds.combine(t, d_rows, d_copies)
+        return d_copies, d_gate_up + d_a.astype(jnp.float32), d_down + d_b.astype(jnp.float32)
+
+    f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
+    init = (jnp.zeros_like(copies), f32(w_gate_up.shape), f32(w_down.shape))
+    d_copies, d_gate_up, d_down = jax.lax.fori_loop(0, rounds.trips, body, init)
+    return None, d_copies, d_gate_up.astype(w_gate_up.dtype), d_down.astype(w_down.dtype)
+
+
+_routed.defvjp(_routed_fwd, _routed_bwd)
+
+
+def _ragged_all_to_all(rows, out, send_off, send, land, recv, *, block):
+    """XLA's ragged all-to-all over `expert` of `rows` into `out` (TPU, GPU); on CPU, where XLA
+    has none, an all-to-all of [block, D] blocks (block bounds every send) placed by row."""
+
+    def native(rows, out, send_off, send, land, recv):
         return jax.lax.ragged_all_to_all(rows, out, send_off, send, land, recv, axis_name="expert")
 
-    def blocks(rows, send_off, send, land, recv):
+    def blocks(rows, out, send_off, send, land, recv):
         j = jnp.arange(block, dtype=jnp.int32)
         src = jnp.where(j < send[:, None], send_off[:, None] + j, rows.shape[0])
         sent = jnp.take(rows, src, axis=0, mode="fill", fill_value=0)  # [ep, block, D]
         got = jax.lax.all_to_all(sent, "expert", 0, 0, tiled=True)
         at = jax.lax.all_to_all(land, "expert", 0, 0, tiled=True)  # where each source's rows go
-        dest = jnp.where(j < recv[:, None], at[:, None] + j, out_rows).reshape(-1)
-        out = jnp.zeros((out_rows, rows.shape[1]), rows.dtype)
+        dest = jnp.where(j < recv[:, None], at[:, None] + j, out.shape[0]).reshape(-1)
         return out.at[dest].set(got.reshape(-1, rows.shape[1]), mode="drop")
 
-    return jax.lax.platform_dependent(rows, send_off, send, land, recv, cpu=blocks, default=native)
+    args = (rows, out, send_off, send, land, recv)
+    return jax.lax.platform_dependent(*args, cpu=blocks, default=native)
 
 
 def _by_expert(

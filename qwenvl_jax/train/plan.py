@@ -31,9 +31,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from qwenvl_jax.config import ModelConfig, TextConfig, load_config
+from qwenvl_jax.config import ModelConfig, load_config
 from qwenvl_jax.data.batch import V1_PIXELS, batch_spec
 from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.layers.moe import routed_share
 from qwenvl_jax.layers.remat import unrolled_layer_scans
 from qwenvl_jax.train.config import TrainConfig, resolve_model_path
 
@@ -426,20 +427,10 @@ def _splash_flops(
     return 2.0 * _SPLASH_MATMULS[kind] * math.prod(rows) * H * T * k[-2] * D * visited
 
 
-# the grouped-matmul kernels of the experts: they compute only the rows a chip received for its
-# experts (the rest of its receive buffer sorts last and falls outside the group sizes), but
-# declare the cost of the whole buffer
+# the grouped-matmul kernels of the experts: under expert parallelism they are handed a round's
+# rows of a chip's receive window and compute only those routed to its experts, but declare the
+# cost of all of them (layers/moe.py `routed_share`)
 _EXPERT_KERNELS = ("gmm", "tgmm")
-
-
-def routed_share(text: TextConfig, ep: int) -> float:
-    """The share of an expert-parallel chip's receive buffer that its expert kernels compute
-    under balanced routing: its n tokens' k copies of the buffer's worst case, ep * n *
-    min(k, experts a chip) rows (layers/moe.py `experts_parallel`); 1 without expert axis."""
-    if ep <= 1 or not text.num_experts:
-        return 1.0
-    k = text.num_experts_per_tok
-    return k / (ep * min(k, text.num_experts // ep))
 
 
 def hlo_matmul_flops(text: str, routed_share: float = 1.0) -> dict[str, float]:
@@ -646,7 +637,9 @@ def plan(
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo)
-    share = routed_share(config.text, mesh.shape["expert"])
+    tokens = math.prod(shapes["input_ids"][0])
+    text = config.text
+    share = routed_share(tokens, text.num_experts_per_tok, text.num_experts, mesh)
     flops = hlo_matmul_flops(hlo, routed_share=share)
     scale = flops["with_trips"] / flops["once"] if flops["once"] else 1.0
     kernels_s = flops["kernels"] / topo.peak_flops  # Pallas kernels, at peak: their own estimate
