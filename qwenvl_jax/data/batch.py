@@ -35,6 +35,12 @@ V1_PIXELS = VISION_PREFIX + "pixel_values"
 TEXT_KEYS = ("input_ids", "segment_ids", "position_ids", "targets", "loss_mask")
 
 
+def row_axis(key: str) -> int:
+    """The axis of batch entry `key` that runs over its rows (or patch groups), which processes
+    and data shards split: axis 1 of position_ids [3, B, L], axis 0 of every other entry."""
+    return 1 if key == "position_ids" else 0
+
+
 def vision_fields(vision: VisionBatch) -> dict[str, np.ndarray]:
     """A VisionBatch as batch entries `vision.<field>`."""
     return {VISION_PREFIX + name: np.asarray(value) for name, value in vision._asdict().items()}

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qwenvl_jax.data.batch import TEXT_KEYS, V1_PIXELS, batch_to_model_inputs
+from qwenvl_jax.data.batch import TEXT_KEYS, V1_PIXELS, batch_to_model_inputs, row_axis
 from qwenvl_jax.layers.moe import load_balancing_loss
 from qwenvl_jax.sharding import logical_to_spec, state_shardings, use_mesh
 from qwenvl_jax.train.config import TrainConfig
@@ -89,9 +89,8 @@ def global_batch_shape(key: str, local: tuple[int, ...], processes: int) -> tupl
     split between the processes; Qwen-VL v1's pictures are whole on each."""
     if key == V1_PIXELS or processes == 1:
         return tuple(local)
-    axis = 1 if key == "position_ids" else 0
     shape = list(local)
-    shape[axis] *= processes
+    shape[row_axis(key)] *= processes
     return tuple(shape)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from qwenvl_jax.config import ModelConfig, V1VisionConfig
-from qwenvl_jax.data.batch import V1_PIXELS, empty_vision_batch, vision_fields
+from qwenvl_jax.data.batch import V1_PIXELS, empty_vision_batch, row_axis, vision_fields
 from qwenvl_jax.models.mrope import get_rope_index
 from qwenvl_jax.models.vision_inputs import make_vision_batch, stack_groups
 
@@ -79,7 +79,7 @@ class SyntheticBatches:
         for key, value in batch.items():
             if key == V1_PIXELS:
                 continue
-            axis = 1 if key == "position_ids" else 0
+            axis = row_axis(key)
             size = value.shape[axis] // n
             out[key] = np.take(value, np.arange(p * size, (p + 1) * size), axis=axis)
         if V1_PIXELS in batch:
