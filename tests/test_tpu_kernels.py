@@ -44,7 +44,7 @@ def skewed_routing(n: int, k: int, rng, empty: tuple[int, ...]) -> np.ndarray:
 GMM_CASES = [  # (tokens, top-k, D, I, experts never routed to)
     (1, 2, 48, 40, (1, 4, 5, 6, 7)),  # a decoding step: one row tile of 16, mostly padding
     (37, 2, 48, 40, (1, 4, 7)),  # padding rows join the (empty) last expert's group
-    (300, 2, 48, 40, (3,)),  # 600 copies: groups start and end inside 128-row tiles
+    (300, 2, 48, 40, (3,)),  # 600 copies: groups start and end inside the 2 row tiles of 512
     (64, 3, 384, 64, (2, 5)),  # D = 3 blocks of 128 (the backward swaps the blocked sides)
 ]
 

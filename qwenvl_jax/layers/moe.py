@@ -446,7 +446,7 @@ def experts_ragged(
     return _unsort(y, perm, experts)
 
 
-GMM_ROWS = 128  # megablox's default row tile (rows of one group at a time)
+GMM_ROWS = 512  # row tile: a chip re-reads each expert's weights once per tile of its rows
 
 
 def _gmm_block(size: int) -> int | None:
