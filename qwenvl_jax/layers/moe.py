@@ -257,16 +257,6 @@ class _ExpertSplit:
         return cls(axes, devices, n, block, round_rows(n, k, ep * block))
 
 
-def routed_share(tokens: int, k: int, num_experts: int, mesh: Mesh | None) -> float:
-    """The share of the rows a device's expert kernels are handed that they compute, under
-    balanced routing: the n tokens' k copies a device receives, of a round's rows (the loop of
-    rounds runs once); 1 when the mesh does not split the experts."""
-    if not num_experts or not splits_experts(mesh, num_experts):
-        return 1.0
-    split = _ExpertSplit.of(tokens, k, num_experts, mesh)
-    return split.n * k / split.rows
-
-
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["recv_counts", "send", "send_off", "land", "recv", "recv_off", "back", "trips"],

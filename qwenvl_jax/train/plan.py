@@ -34,7 +34,6 @@ import numpy as np
 from qwenvl_jax.config import ModelConfig, load_config
 from qwenvl_jax.data.batch import V1_PIXELS, batch_spec
 from qwenvl_jax.errors import ConfigError
-from qwenvl_jax.layers.moe import routed_share
 from qwenvl_jax.layers.remat import unrolled_layer_scans
 from qwenvl_jax.train.config import TrainConfig, resolve_model_path
 
@@ -427,21 +426,16 @@ def _splash_flops(
     return 2.0 * _SPLASH_MATMULS[kind] * math.prod(rows) * H * T * k[-2] * D * visited
 
 
-# the grouped-matmul kernels of the experts: under expert parallelism they are handed a round's
-# rows of a chip's receive window and compute only those routed to its experts, but declare the
-# cost of all of them (layers/moe.py `routed_share`)
-_EXPERT_KERNELS = ("gmm", "tgmm")
-
-
-def hlo_matmul_flops(text: str, routed_share: float = 1.0) -> dict[str, float]:
+def hlo_matmul_flops(text: str) -> dict[str, float]:
     """The matmul FLOPs of a compiled module's HLO text, per device: dots, ragged dots and
     convolutions, `once` counting each while body once (as XLA's cost analysis does) and
     `with_trips` counting it its trip count times; conditionals count their costliest branch.
-    `kernels`: the FLOPs that custom calls (Pallas kernels) declare in their cost estimates (for
-    splash attention, which declares none, its matmuls over all blocks), with trip counts (XLA's
-    cost analysis leaves kernels out). `unknown_loops`: loops whose trip count
-    could not be read (counted once). `routed_share`: the share of the rows given to the expert
-    kernels that they compute (`routed_share`).
+    `kernels`: the FLOPs of the Pallas kernels that declare no cost estimate (splash attention:
+    its matmuls over the blocks its mask visits), with trip counts. The TPU compiler prices a
+    kernel call that declares an estimate (the megablox grouped matmuls) itself, at the larger
+    of its declared FLOPs and bytes at the chip's rates, and one that declares none by its
+    operands' bytes alone. `unknown_loops`: loops whose trip count could not be read (counted
+    once).
     """
     comps, entry = _parse_hlo(text)
     memo: dict[tuple[str, bool, bool], float] = {}
@@ -462,10 +456,8 @@ def hlo_matmul_flops(text: str, routed_share: float = 1.0) -> dict[str, float]:
             elif op == "convolution" and out is not None and len(args) > 1 and not kernels:
                 total += _conv_flops(out, shapes.get(args[1]), rest, shapes.get(args[0]))
             elif op == "custom-call" and kernels:
-                m = _KERNEL_FLOPS.search(rest)
-                if m:
-                    expert = inst.split(".")[0] in _EXPERT_KERNELS
-                    total += float(m.group(1)) * (routed_share if expert else 1.0)
+                if _KERNEL_FLOPS.search(rest):
+                    pass  # in the compiler's own time
                 elif inst.startswith("splash_mha_") and len(args) > 3:
                     q, k, mask = (shapes.get(args[i]) for i in (2, 3, 0))
                     total += _splash_flops(inst, q, k, mask)
@@ -534,7 +526,7 @@ def hlo_collectives(text: str) -> dict[str, Any]:
 
 
 def _loop_bodies(
-    trainer, state, batch, frozen, compiler_s: float, once: float, share: float
+    trainer, state, batch, frozen, compiler_s: float, once: float
 ) -> dict[str, float] | None:
     """The compiler's time per matmul FLOP of the layer loops' bodies: the step compiled again
     with every layer scan unrolled twice has one more copy of each body, and the differences of
@@ -549,7 +541,7 @@ def _loop_bodies(
     cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
     hlo = twice.as_text()
     t2 = compiler_seconds(cost, hlo)
-    f2 = hlo_matmul_flops(hlo, routed_share=share)["once"]
+    f2 = hlo_matmul_flops(hlo)["once"]
     if t2 is None or t2 <= compiler_s or f2 <= once:
         return None
     return {
@@ -637,16 +629,14 @@ def plan(
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo)
-    tokens = math.prod(shapes["input_ids"][0])
-    text = config.text
-    share = routed_share(tokens, text.num_experts_per_tok, text.num_experts, mesh)
-    flops = hlo_matmul_flops(hlo, routed_share=share)
+    flops = hlo_matmul_flops(hlo)
     scale = flops["with_trips"] / flops["once"] if flops["once"] else 1.0
-    kernels_s = flops["kernels"] / topo.peak_flops  # Pallas kernels, at peak: their own estimate
+    # splash attention's matmuls at peak (the compiler prices those kernels by their bytes)
+    kernels_s = flops["kernels"] / topo.peak_flops
     compiler_s = compiler_seconds(cost, hlo)
     bodies = None
     if compiler_s is not None and time_loops:
-        bodies = _loop_bodies(trainer, state, batch, frozen, compiler_s, flops["once"], share)
+        bodies = _loop_bodies(trainer, state, batch, frozen, compiler_s, flops["once"])
     if bodies is not None:
         # the loops' repeated trips at the time per matmul FLOP of their own bodies
         est = compiler_s + bodies["s_per_flop"] * (flops["with_trips"] - flops["once"])
