@@ -9,9 +9,9 @@ computes only its own experts, on the token copies a ragged all-to-all brings it
 (`experts_parallel`).
 
 Every backend takes expert ids in [0, E] for weights of E experts: id E marks a row routed to no
-expert (padding; under expert parallelism, the unused rows of a receive buffer). Such rows are
-sorted after the others and left out of the group sizes, so they cost no matmul; their output (and
-the gradient through them) is zero.
+expert (padding; under expert parallelism, the rows of a round's receive window after the rows
+received). Such rows are sorted after the others and left out of the group sizes, so they cost no
+matmul; their output (and the gradient through them) is zero.
 """
 
 from __future__ import annotations
