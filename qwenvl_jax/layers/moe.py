@@ -176,17 +176,26 @@ def experts_parallel(
     run = functools.partial(experts_fn or experts_by_platform, act=act)
     N, k = experts.shape
     E = w_gate_up.shape[0]
-    ep, here = mesh.shape["expert"], E // mesh.shape["expert"]
-    split = _ExpertSplit.of(N, k, E, mesh)
-    pad = split.n * split.devices - N
+    ep = mesh.shape["expert"]
+    here = E // ep
+    (batch,) = logical_to_spec(("batch",), mesh=mesh)
+    token_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+    if "expert" not in token_axes:
+        token_axes = (*token_axes, "expert")
+    split = int(np.prod([mesh.shape[a] for a in token_axes]))
+    pad = -N % split
     if pad:  # rows of weight zero, routed to no expert
         x = jnp.pad(x, ((0, pad), (0, 0)))
         experts = jnp.pad(experts, ((0, pad), (0, 0)), constant_values=E)
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    n = (N + pad) // split
+    # the most copies one device sends another: each token's k experts are distinct
+    block = n * min(k, here)
+    rows = round_rows(n, k, ep * block)
     gate_up_spec = logical_to_spec(EXPERT_AXES, w_gate_up.shape, mesh)
     down_axes = (EXPERT_AXES[0], EXPERT_AXES[2], EXPERT_AXES[1])
     down_spec = logical_to_spec(down_axes, w_down.shape, mesh)
-    tokens = PartitionSpec(split.token_axes, None)
+    tokens = PartitionSpec(token_axes, None)
 
     def gather_features(w, spec):  # the local experts' weights whole
         for dim in (1, 2):
@@ -203,7 +212,7 @@ def experts_parallel(
         w_down = gather_features(w_down, down_spec)
         # the copies sorted by expert: grouped by destination device; id E (none) last, unsent
         copies, perm, counts = _by_expert(x, experts, E)
-        rounds = _Rounds.of(counts.reshape(ep, here), split.rows, split.block, mesh.axis_names)
+        rounds = _Rounds.of(counts.reshape(ep, here), rows, block, mesh.axis_names)
         out = _unsort(_routed(per_device, rounds, copies, w_gate_up, w_down), perm, experts)
         return jnp.sum(out * weights[..., None], axis=1)
 
@@ -229,32 +238,6 @@ def round_rows(n: int, k: int, worst: int) -> int:
     """The rows a device receives in one round: its n tokens' k copies plus headroom, a
     multiple of 8, at most `worst` (the most rows it can be sent in all)."""
     return min(-(-math.ceil(ROUND_HEADROOM * n * k) // 8) * 8, worst)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ExpertSplit:
-    """How `experts_parallel` splits N tokens' k copies over a mesh: the tokens over
-    `token_axes` (the batch's mesh axes and `expert`), n a device (N padded to whole devices);
-    `block`, the most copies one device sends another (each token's k experts are distinct);
-    `rows`, the rows a device receives in a round (`round_rows`)."""
-
-    token_axes: tuple[str, ...]
-    devices: int
-    n: int
-    block: int
-    rows: int
-
-    @classmethod
-    def of(cls, N: int, k: int, E: int, mesh: Mesh) -> _ExpertSplit:
-        (batch,) = logical_to_spec(("batch",), mesh=mesh)
-        axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
-        if "expert" not in axes:
-            axes = (*axes, "expert")
-        devices = int(np.prod([mesh.shape[a] for a in axes]))
-        ep = mesh.shape["expert"]
-        n = -(-N // devices)
-        block = n * min(k, E // ep)
-        return cls(axes, devices, n, block, round_rows(n, k, ep * block))
 
 
 @functools.partial(

@@ -190,7 +190,6 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _OP = re.compile(r"^([\w\-]+)\((.*)$")
 _CALLED = re.compile(r"(?:calls|body|to_apply|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_KERNEL_FLOPS = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
 _SHAPE = re.compile(r"^[a-z]\w*\[([\d,]*)\]$")
 
 
@@ -455,12 +454,12 @@ def hlo_matmul_flops(text: str) -> dict[str, float]:
                 total += _dot_flops(out, shapes.get(args[0]), rest)
             elif op == "convolution" and out is not None and len(args) > 1 and not kernels:
                 total += _conv_flops(out, shapes.get(args[1]), rest, shapes.get(args[0]))
-            elif op == "custom-call" and kernels:
-                if _KERNEL_FLOPS.search(rest):
-                    pass  # in the compiler's own time
-                elif inst.startswith("splash_mha_") and len(args) > 3:
-                    q, k, mask = (shapes.get(args[i]) for i in (2, 3, 0))
-                    total += _splash_flops(inst, q, k, mask)
+            elif (
+                op == "custom-call" and kernels and inst.startswith("splash_mha_") and len(args) > 3
+            ):
+                # (kernels that declare their cost are in the compiler's own time)
+                q, k, mask = (shapes.get(args[i]) for i in (2, 3, 0))
+                total += _splash_flops(inst, q, k, mask)
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
                 cond = re.search(r"condition=%?([\w.\-]+)", rest)
