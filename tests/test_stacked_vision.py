@@ -126,7 +126,7 @@ def test_blocks_are_stacked_per_run_with_a_layers_axis():
 
 def _vision_program(cfg):
     """The vision tower's forward pass, lowered (StableHLO text)."""
-    model = build_model(cfg, seed=0)
+    model = build_model(cfg, abstract=True)
     _, _, _, vision = batch_to_model_inputs(next(SyntheticBatches(cfg, 2, 64, seed=1)))
     return jax.jit(lambda tower, v: tower(v)).lower(model.visual, vision).as_text()
 
