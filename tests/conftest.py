@@ -37,33 +37,6 @@ def v5p_mesh():
         yield mesh
 
 
-# The modules that hold the suite's longest tests (20 to 140 s each, `--durations`), run first.
-# With `--dist worksteal` (the README's test command) a worker that runs out of tests takes half
-# of the other's pending ones, so the run ends on short tests instead of one worker finishing a
-# long test while the other sits idle.
-SLOW_FIRST = (
-    "test_multihost",
-    "test_train_sharded",
-    "test_qwen3_5_sharded",
-    "test_train_resume",
-    "test_demo",
-    "test_train_cli",
-    "test_moe_ep",
-    "test_stacked_layers",
-    "test_train_step",
-    "test_serve",
-    "test_convert_memory",
-    "test_train_overfit",
-    "test_train_freeze",
-    "test_plan",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
-
-
 def pytest_sessionfinish(session):
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
