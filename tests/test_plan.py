@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from qwenvl_jax.cli import main
 from qwenvl_jax.train import plan as plan_mod
@@ -368,3 +369,44 @@ def test_compiler_seconds_leave_out_the_calls_it_cannot_time():
     assert plan_mod.compiler_seconds({"optimal_seconds": 3.35}, "") == 3.35
     assert plan_mod.compiler_seconds({"optimal_seconds": -2.0}, "") is None
     assert plan_mod.compiler_seconds({"flops": 1.0}, hlo) is None
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='libtpu is not installed (pip install "qwenvl_jax[tpu]"): TPU topologies need it',
+)
+def test_the_tpu_step_reduces_no_weight_gradient_whole(tmp_path):
+    """Compiled for 8 v5p chips (mesh auto: fsdp 8), a 2-layer model at Qwen2.5-VL-3B's widths
+    reduces no weight's gradient whole: every all-reduce left (norms, biases) is smaller than one
+    chip's share of the smallest weight matrix, and the weights' gradients are reduce-scattered
+    (the TPU compiler does it inside its windowed-einsum loops, as collective-permutes). The
+    tiny presets cannot show this: at their sizes the compiler all-reduces a whole embedding or
+    output-projection gradient (0.12 MiB, the whole weight), which this check would catch. About
+    80 s of compile on a 2-core CPU."""
+    from qwenvl_jax.config import PRESET_DIR, load_config
+    from qwenvl_jax.models.build import build_model
+    from qwenvl_jax.train.config import load_train_config
+
+    d = json.loads((PRESET_DIR / "qwen2_5_vl_3b_instruct.json").read_text())
+    d["text"].update(num_hidden_layers=2, vocab_size=32768)
+    d["vision"].update(depth=4, fullatt_block_indexes=[3])
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    run = [f"model={tmp_path}", "stage=2", "batch_size=16", "seq_len=1024", "remat=full"]
+    with jax.default_matmul_precision("default"):  # Mosaic refuses float32 bfloat16 products
+        report = plan_mod.plan(load_train_config(None, run), "v5p:2x2x2", time_loops=False)
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
+    model = build_model(load_config(tmp_path), dtype="bfloat16", abstract=True)
+    # one layer's weight matrix (stacked layers hold [layers, in, out]; their norms and biases,
+    # [layers, n], are no weight matrices)
+    matrices = [
+        v.get_value().shape[-2:]
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if path[-1] in ("kernel", "embedding")
+    ]
+    smallest_share = min(a * b * 2 for a, b in matrices) // report["chips"]  # bfloat16 bytes
+    collectives = report["collectives"]
+    assert collectives["counts"]["collective-permute"] > 0
+    assert 0 < collectives["largest_all_reduce_bytes"] < smallest_share, (
+        collectives,
+        smallest_share,
+    )
