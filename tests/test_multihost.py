@@ -1,7 +1,8 @@
 """Two processes (`jax.distributed` on this machine, one CPU device each, gloo collectives) train
 one run together: each feeds its own rows and patch groups (Qwen-VL v1: its rows' pictures), the
 run gives the bits of the same run on one process with two devices, checkpoints are written once,
-and a run killed with SIGKILL resumes on both processes to the bits of an uninterrupted run."""
+and a run killed with SIGKILL resumes on both processes to the bits of that uninterrupted
+one-process run."""
 
 from __future__ import annotations
 

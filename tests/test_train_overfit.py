@@ -27,12 +27,11 @@ CASES = [
     ("qwen3_vl", 1, 5e-2, 80, 0.1, 4),
     ("qwen3_vl_moe", 2, 1e-2, 25, 0.01, 4),
     ("qwen2_5_vl", 3, 1e-2, 25, 0.01, 4),
-    # Qwen3.5's hybrid decoder (Gated DeltaNet and gated attention), at the stages whose freeze
-    # tables differ in what trains through it (stage 3 trains all, as stage 2 does the decoder:
-    # qwen2_5_vl covers stage 3's config; tests/test_train_freeze.py covers Qwen3.5 at stage 3).
-    # Without DeepStack a frozen tiny decoder reads the image only at its image positions:
-    # stage 1 steers one answer token through it (four answer tokens flatten near 0.4 of the
-    # first loss)
+    # Qwen3.5's hybrid decoder (Gated DeltaNet and gated attention) at stage 1 (decoder frozen)
+    # and stage 2 (decoder trained); stage 3 is qwen2_5_vl's case here, and Qwen3.5 at stage 3
+    # is in tests/test_train_freeze.py. Without DeepStack a frozen tiny decoder reads the image
+    # only at its image positions: stage 1 steers one answer token through it (four answer
+    # tokens flatten near 0.4 of the first loss)
     ("qwen3_5", 1, 5e-2, 100, 0.15, 1),
     ("qwen3_5_moe", 2, 1e-2, 25, 0.01, 4),
 ]
