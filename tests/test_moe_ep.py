@@ -70,7 +70,7 @@ assert jax.device_count() == 8, jax.devices()
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from qwenvl_jax.layers.moe import (
-    SparseMoE, experts_gmm, experts_parallel, experts_ragged, round_rows,
+    SparseMoE, experts_parallel, experts_ragged, grouped_gmm, grouped_ragged, round_rows,
 )
 from qwenvl_jax.sharding import make_mesh, named_sharding, state_shardings, use_mesh
 
@@ -178,8 +178,8 @@ def single(x, w, a, b):
 
 want = vjp(single, x, weights, w_gu, w_d)
 mesh = make_mesh(fsdp=2, expert=4)
-for name, fn in (("ragged", experts_ragged),
-                 ("gmm", lambda *a, act: experts_gmm(*a, act=act, interpret=True))):
+for name, fn in (("ragged", grouped_ragged),
+                 ("gmm", lambda *a, act: grouped_gmm(*a, act=act, interpret=True))):
     def parallel(x, w, a, b):
         return experts_parallel(x, experts, w, a, b, act="silu", experts_fn=fn)
 
@@ -194,7 +194,7 @@ def test_expert_parallel_equals_one_device():
     (data 2, expert 4): the MoE layer's output, router logits and gradients (input, router, every
     expert weight) equal one device's, with uneven routing and experts that get no token; the
     compiled step all-gathers E/ep experts' weights at most. Also the ragged_dot and megablox
-    (interpret mode) backends as the per-device computation."""
+    (interpret mode) grouped backends as the per-device computation."""
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=8",

@@ -9,9 +9,10 @@ computes only its own experts, on the token copies a ragged all-to-all brings it
 (`experts_parallel`).
 
 Every backend takes expert ids in [0, E] for weights of E experts: id E marks a row routed to no
-expert (padding; under expert parallelism, the rows of a round's receive window after the rows
-received). Such rows are sorted after the others and left out of the group sizes, so they cost no
-matmul; their output (and the gradient through them) is zero.
+expert (padding). Such rows are sorted after the others and left out of the group sizes, so they
+cost no matmul; their output (and the gradient through them) is zero. Each backend's core takes
+rows already grouped by expert (`grouped_by_platform`): expert parallelism receives its rows
+grouped that way and runs the core alone.
 """
 
 from __future__ import annotations
@@ -126,6 +127,23 @@ def experts_by_platform(
     )
 
 
+def grouped_by_platform(
+    rows: jax.Array, group_sizes: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, *, act: str
+) -> jax.Array:
+    """Rows already grouped by expert through their experts, by the backend of the platform
+    compiled for: rows float[M, D], the first group_sizes[0] for expert 0, the next for expert
+    1, ..., the rows after them of no expert -> float[M, D] (zero after the groups)."""
+    return jax.lax.platform_dependent(
+        rows,
+        group_sizes,
+        w_gate_up,
+        w_down,
+        cpu=functools.partial(grouped_tiled, act=act),
+        tpu=functools.partial(grouped_gmm, act=act),
+        default=functools.partial(grouped_ragged, act=act),
+    )
+
+
 def splits_experts(mesh: Mesh | None, num_experts: int) -> bool:
     """Whether `mesh` splits the experts over its `expert` axis (size > 1, dividing them)."""
     if mesh is None or mesh.shape.get("expert", 1) == 1:
@@ -155,25 +173,27 @@ def experts_parallel(
     is gathered whole rather than split, so the tensor devices repeat the same work, as on the
     unsplit path). It sorts its own tokens' k copies by expert, which groups them by the device
     holding that expert, and ragged all-to-alls over `expert` send each device exactly the
-    copies routed to its experts (dispatch); the device runs the backend (`experts_fn(x, ids,
-    w_gate_up, w_down, act=act)`, by default the platform's: tiled, gmm or ragged_dot) on the
-    rows it received, and ragged all-to-alls send every output row back to the device of its
-    token (combine), which sums each token's weighted outputs. No device holds more than E/ep
-    experts' weights or computes another device's copies, the result is the unsplit
-    computation's, and nothing is dropped. The exchange runs in rounds (`_routed`): a device
-    receives a window of `round_rows` rows a round (its own tokens' copies, what balanced
+    copies routed to its experts (dispatch), each expert's rows from every device landing in
+    that expert's region of the receive buffer (one update per device and local expert), so the
+    rows arrive grouped by expert and are not sorted again; the device runs the grouped backend
+    (`experts_fn(rows, group_sizes, w_gate_up, w_down, act=act)`, by default the platform's:
+    tiled, gmm or ragged_dot) on them, and ragged all-to-alls send every output row back to the
+    device of its token (combine), which sums each token's weighted outputs. No device holds
+    more than E/ep experts' weights or computes another device's copies, the result is the
+    unsplit computation's, and nothing is dropped. The exchange runs in rounds (`_routed`): a
+    device receives a window of `round_rows` rows a round (its own tokens' copies, what balanced
     routing sends it, plus headroom), and the rounds repeat until the fullest device has
-    received all its rows, so buffers and work scale with the routing rather than with the
-    worst case (every copy of the expert group routed to one device's experts). The gradient
-    runs the same rounds; the weights' gradients are reduce-scattered over fsdp/tensor. Token
-    counts the batch split does not divide are padded with rows routed to no expert.
+    received all its rows, so buffers and work scale with the routing rather than with the worst
+    case (every copy of the expert group routed to one device's experts). The gradient runs the
+    same rounds; the weights' gradients are reduce-scattered over fsdp/tensor. Token counts the
+    batch split does not divide are padded with rows routed to no expert.
 
     The ragged all-to-all is XLA's on TPU and GPU; XLA:CPU has none, so on CPU devices the same
     exchange is an all-to-all of fixed-size blocks (`_ragged_all_to_all`).
     """
     mesh = current_mesh()
     assert splits_experts(mesh, w_gate_up.shape[0]), "experts_parallel needs an expert mesh axis"
-    run = functools.partial(experts_fn or experts_by_platform, act=act)
+    run = functools.partial(experts_fn or grouped_by_platform, act=act)
     N, k = experts.shape
     E = w_gate_up.shape[0]
     ep = mesh.shape["expert"]
@@ -242,28 +262,33 @@ def round_rows(n: int, k: int, worst: int) -> int:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["recv_counts", "send", "send_off", "land", "recv", "recv_off", "back", "trips"],
+    data_fields=["send", "send_off", "land", "recv", "recv_off", "back", "starts", "trips"],
     meta_fields=["rows", "block"],
 )
 @dataclasses.dataclass(frozen=True)
 class _Rounds:
     """The exchanges of `experts_parallel` on one device, inside the shard_map over `expert` (ep
-    devices, E/ep experts each); int32[ep] but `recv_counts` and `trips`.
+    devices, E/ep experts each): one update per device and local expert, int32[ep * E/ep]
+    (device-major, as XLA's ragged all-to-all takes several updates per device), but `starts`
+    and `trips`.
 
-    Over all rounds, as if in one exchange: send: rows to each device, from send_off in the
-    sorted copies; land: where they land in that device's (virtual, whole) receive buffer; recv:
-    rows from each device, at recv_off in the buffer; back: where the rows returned to each
-    device land in its copies (its send_off of this device). Round t moves the rows of window
-    [t * rows, (t + 1) * rows) of every receive buffer; `trips` rounds cover the fullest buffer.
+    Over all rounds, as if in one exchange: send: rows to each device's expert, from send_off in
+    the sorted copies; land: where they land in that device's (virtual, whole) receive buffer;
+    recv: rows from each device for each local expert, at recv_off in the buffer; back: where
+    the rows returned to each device land in its copies (its send_off of this device's expert).
+    The receive buffer holds expert e's rows (from every device, in device order) in
+    [starts[e], starts[e + 1]), so it is grouped by expert as it lands. Round t moves the rows
+    of window [t * rows, (t + 1) * rows) of every receive buffer; `trips` rounds cover the
+    fullest buffer.
     """
 
-    recv_counts: jax.Array  # int32[ep, E/ep]: rows from each device for each local expert
     send: jax.Array
     send_off: jax.Array
     land: jax.Array
     recv: jax.Array
     recv_off: jax.Array
     back: jax.Array
+    starts: jax.Array  # int32[E/ep + 1]: each local expert's region of the receive buffer
     trips: jax.Array  # int32[]: the same on every device of the mesh
     rows: int  # rows a device receives in a round
     block: int  # the most rows one device sends another in a round
@@ -275,15 +300,18 @@ class _Rounds:
         def exchanged(a):  # row d goes to device d; row s of the result came from device s
             return jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)
 
-        send = jnp.sum(counts, axis=1)
-        recv_counts = exchanged(counts)
-        recv = jnp.sum(recv_counts, axis=1)
-        send_off, recv_off = (jnp.cumsum(a) - a for a in (send, recv))
+        send_off = (jnp.cumsum(counts.reshape(-1)) - counts.reshape(-1)).reshape(counts.shape)
+        recv = exchanged(counts)  # [source device, local expert]
+        per_expert = jnp.sum(recv, axis=0)
+        region = jnp.cumsum(per_expert) - per_expert
+        recv_off = region + jnp.cumsum(recv, axis=0) - recv  # sources in order within a region
         land, back = exchanged(recv_off), exchanged(send_off)
+        total = jnp.sum(per_expert)
         # every device loops as often as the fullest buffer needs (one loop, uniform collectives)
-        trips = jax.lax.pmax((jnp.sum(recv) + rows - 1) // rows, axes)
-        block = min(block, rows)
-        return cls(recv_counts, send, send_off, land, recv, recv_off, back, trips, rows, block)
+        trips = jax.lax.pmax((total + rows - 1) // rows, axes)
+        flat = [a.reshape(-1) for a in (counts, send_off, land, recv, recv_off, back)]
+        starts = jnp.append(region, total)
+        return cls(*flat, starts, trips, rows, min(block, rows))
 
     def window(self, t: jax.Array) -> tuple[tuple, tuple]:
         """Round t's dispatch and combine: (send_off, send, land, recv) of each exchange."""
@@ -296,13 +324,11 @@ class _Rounds:
         recv_off, back = lo - start, self.back + lo - self.recv_off
         return (send_off, send, land, recv), (recv_off, recv, back, send)
 
-    def experts(self, t: jax.Array) -> jax.Array:
-        """The local expert of each row of round t's window (E/ep after the received rows)."""
-        here = self.recv_counts.shape[1]
-        ends = jnp.cumsum(self.recv_counts.reshape(-1))  # by source device, then expert
-        rows = t * self.rows + jnp.arange(self.rows, dtype=jnp.int32)
-        segment = jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)
-        return jnp.where(segment < ends.shape[0], segment % here, here)
+    def groups(self, t: jax.Array) -> jax.Array:
+        """int32[E/ep]: the rows of each local expert in round t's window, which holds them in
+        that order from its first row (zero rows after them)."""
+        bounds = jnp.clip(self.starts, t * self.rows, (t + 1) * self.rows)
+        return bounds[1:] - bounds[:-1]
 
     def dispatch(self, t: jax.Array, copies: jax.Array) -> jax.Array:
         """Round t's rows of the devices' copies routed here: float[rows, D], zero after them."""
@@ -318,9 +344,9 @@ class _Rounds:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _routed(run, rounds, copies, w_gate_up, w_down):
     """Each copy through its expert, on the device that holds the expert: for each round, the
-    window's rows dispatched, the backend run on them (`run(rows, ids[:, None], w_gate_up,
-    w_down)`: rows are independent, so computing them a window at a time is computing them at
-    once) and the outputs combined back into this device's copies (zero where no expert).
+    window's rows dispatched, the grouped backend run on them (`run(rows, group_sizes,
+    w_gate_up, w_down)`: rows are independent, so computing them a window at a time is computing
+    them at once) and the outputs combined back into this device's copies (zero where no expert).
 
     The gradient loops over the same rounds: it dispatches the rows and their output cotangents,
     recomputes the window's forward for its VJP, combines the rows' gradients back and sums the
@@ -330,8 +356,8 @@ def _routed(run, rounds, copies, w_gate_up, w_down):
 
 def _routed_fwd(run, rounds, copies, w_gate_up, w_down):
     def body(t, out):
-        y = run(rounds.dispatch(t, copies), rounds.experts(t)[:, None], w_gate_up, w_down)
-        return rounds.combine(t, y[:, 0], out)
+        y = run(rounds.dispatch(t, copies), rounds.groups(t), w_gate_up, w_down)
+        return rounds.combine(t, y, out)
 
     out = jax.lax.fori_loop(0, rounds.trips, body, jnp.zeros_like(copies))
     return out, (rounds, copies, w_gate_up, w_down)
@@ -342,9 +368,9 @@ def _routed_bwd(run, res, g):
 
     def body(t, carry):
         d_copies, d_gate_up, d_down = carry
-        ids = rounds.experts(t)[:, None]
+        groups = rounds.groups(t)
         received, g_received = rounds.dispatch(t, copies), rounds.dispatch(t, g)
-        _, vjp = jax.vjp(lambda r, a, b: run(r, ids, a, b)[:, 0], received, w_gate_up, w_down)
+        _, vjp = jax.vjp(lambda r, a, b: run(r, groups, a, b), received, w_gate_up, w_down)
         d_rows, d_a, d_b = vjp(g_received)
         d_copies = rounds.combine(t, d_rows, d_copies)
         return d_copies, d_gate_up + d_a.astype(jnp.float32), d_down + d_b.astype(jnp.float32)
@@ -359,19 +385,31 @@ _routed.defvjp(_routed_fwd, _routed_bwd)
 
 
 def _ragged_all_to_all(rows, out, send_off, send, land, recv, *, block):
-    """XLA's ragged all-to-all over `expert` of `rows` into `out` (TPU, GPU); on CPU, where XLA
-    has none, an all-to-all of [block, D] blocks (block bounds every send) placed by row."""
+    """XLA's ragged all-to-all over `expert` of `rows` into `out` (TPU, GPU), with U updates per
+    device (the int32[ep * U] arguments, device-major); on CPU, where XLA has none, an
+    all-to-all of [block, D] blocks placed by row: a device's updates to another are sent one
+    after the other in one block (block bounds their sum)."""
 
     def native(rows, out, send_off, send, land, recv):
         return jax.lax.ragged_all_to_all(rows, out, send_off, send, land, recv, axis_name="expert")
 
     def blocks(rows, out, send_off, send, land, recv):
+        ep = jax.lax.axis_size("expert")
         j = jnp.arange(block, dtype=jnp.int32)
-        src = jnp.where(j < send[:, None], send_off[:, None] + j, rows.shape[0])
-        sent = jnp.take(rows, src, axis=0, mode="fill", fill_value=0)  # [ep, block, D]
-        got = jax.lax.all_to_all(sent, "expert", 0, 0, tiled=True)
-        at = jax.lax.all_to_all(land, "expert", 0, 0, tiled=True)  # where each source's rows go
-        dest = jnp.where(j < recv[:, None], at[:, None] + j, out.shape[0]).reshape(-1)
+
+        def rows_of(offsets, sizes, past):  # row j of each device's block: its update's row
+            sizes, offsets = sizes.reshape(ep, -1), offsets.reshape(ep, -1)
+            ends = jnp.cumsum(sizes, axis=1)
+            u = jnp.sum(j[None, :, None] >= ends[:, None, :], axis=2)  # [ep, block]
+            at = jnp.minimum(u, sizes.shape[1] - 1)
+            first = jnp.take_along_axis(offsets - (ends - sizes), at, axis=1)
+            return jnp.where(u < sizes.shape[1], first + j, past)
+
+        src = rows_of(send_off, send, rows.shape[0])
+        sent = jnp.take(rows, src, axis=0, mode="fill", fill_value=0)
+        got = jax.lax.all_to_all(sent, "expert", 0, 0, tiled=True)  # [ep, block, D]
+        at = jax.lax.all_to_all(land.reshape(ep, -1), "expert", 0, 0, tiled=True)
+        dest = rows_of(at, recv, out.shape[0]).reshape(-1)  # where each source's rows go
         return out.at[dest].set(got.reshape(-1, rows.shape[1]), mode="drop")
 
     args = (rows, out, send_off, send, land, recv)
@@ -412,11 +450,16 @@ def experts_ragged(
     -> float[N, k, D], the output of expert experts[n, j] on token n.
     """
     tokens, perm, group_sizes = _by_expert(x, experts, w_gate_up.shape[0])
-    h = jax.lax.ragged_dot(tokens, w_gate_up, group_sizes)
+    return _unsort(grouped_ragged(tokens, group_sizes, w_gate_up, w_down, act=act), perm, experts)
+
+
+def grouped_ragged(
+    rows: jax.Array, group_sizes: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, *, act: str
+) -> jax.Array:
+    """Rows grouped by expert (`grouped_by_platform`) through `jax.lax.ragged_dot`."""
+    h = jax.lax.ragged_dot(rows, w_gate_up, group_sizes)
     gate, up = jnp.split(h, 2, axis=-1)
-    h = ACTIVATIONS[act](gate) * up
-    y = jax.lax.ragged_dot(h, w_down, group_sizes)
-    return _unsort(y, perm, experts)
+    return jax.lax.ragged_dot(ACTIVATIONS[act](gate) * up, w_down, group_sizes)
 
 
 GMM_ROWS = 512  # row tile: a chip re-reads each expert's weights once per tile of its rows
@@ -474,27 +517,45 @@ def experts_gmm(
 
 
 def _experts_gmm(x, experts, w_gate_up, w_down, *, act, interpret):
-    """`experts_gmm` on one device. The kernel takes a row count that its row tile divides: the
-    sorted copies are padded with zero rows. The copies of no expert here and the padding form
-    one more group, after the E of the weights: the kernels visit only the row tiles of the
-    weights' groups and write zeros to the rest (its output, and the inputs' gradient)."""
-    N, k = experts.shape
-    M = N * k
-    # a few copies (decoding) take one tile of their own size, in whole bf16 sublane tiles (16)
-    rows = min(GMM_ROWS, -(-M // 16) * 16)
-    padded = -(-M // rows) * rows
+    """`experts_gmm` on one device: the copies sorted by expert through `grouped_gmm`."""
     tokens, perm, group_sizes = _by_expert(x, experts, w_gate_up.shape[0])
-    tokens = jnp.pad(tokens, ((0, padded - M), (0, 0)))
+    y = grouped_gmm(tokens, group_sizes, w_gate_up, w_down, act=act, interpret=interpret)
+    return _unsort(y, perm, experts)
+
+
+def grouped_gmm(
+    rows: jax.Array,
+    group_sizes: jax.Array,
+    w_gate_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    act: str,
+    interpret: bool = False,
+) -> jax.Array:
+    """Rows grouped by expert (`grouped_by_platform`) through the megablox kernels on one device
+    (`grouped_ragged` for shapes or dtypes the kernels do not take). The kernel takes a row
+    count that its row tile divides: the rows are padded with zero rows. The rows of no expert
+    and the padding form one more group, after the E of the weights: the kernels visit only the
+    row tiles of the weights' groups and write zeros to the rest (the output, and the rows'
+    gradient)."""
+    D, I2 = w_gate_up.shape[1:]
+    fits = all(_gmm_block(size) is not None for size in (D, I2, I2 // 2))
+    if not fits or rows.dtype not in (jnp.float32, jnp.bfloat16):
+        return grouped_ragged(rows, group_sizes, w_gate_up, w_down, act=act)
+    M = rows.shape[0]
+    # a few copies (decoding) take one tile of their own size, in whole bf16 sublane tiles (16)
+    tile = min(GMM_ROWS, -(-M // 16) * 16)
+    padded = -(-M // tile) * tile
+    rows = jnp.pad(rows, ((0, padded - M), (0, 0)))
     group_sizes = jnp.append(group_sizes, padded - jnp.sum(group_sizes))
-    tiling = _GmmTiling(rows)
+    tiling = _GmmTiling(tile)
 
     def gmm(lhs, rhs):  # positional: the custom VJP's static arguments are by position
-        return megablox.gmm(lhs, rhs, group_sizes, x.dtype, tiling, None, None, False, interpret)
+        return megablox.gmm(lhs, rhs, group_sizes, rows.dtype, tiling, None, None, False, interpret)
 
-    h = gmm(tokens, w_gate_up)
+    h = gmm(rows, w_gate_up)
     gate, up = jnp.split(h, 2, axis=-1)
-    y = gmm(ACTIVATIONS[act](gate) * up, w_down)
-    return _unsort(y[:M], perm, experts)
+    return gmm(ACTIVATIONS[act](gate) * up, w_down)[:M]
 
 
 def experts_tiled(
@@ -517,6 +578,16 @@ def experts_tiled(
     gate, up = jnp.split(h, 2, axis=-1)
     y = _grouped_matmul(ACTIVATIONS[act](gate) * up, w_down, tile_expert, used, tile)
     return _take_rows(y, dest, src).reshape(N, k, -1)
+
+
+def grouped_tiled(
+    rows: jax.Array, group_sizes: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, *, act: str
+) -> jax.Array:
+    """Rows grouped by expert (`grouped_by_platform`) through `experts_tiled` (CPU)."""
+    ends = jnp.cumsum(group_sizes)
+    index = jnp.arange(rows.shape[0], dtype=ends.dtype)
+    ids = jnp.sum(index[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)  # E after the groups
+    return experts_tiled(rows, ids[:, None], w_gate_up, w_down, act=act)[:, 0]
 
 
 def _tile_layout(
