@@ -245,16 +245,17 @@ def test_a_tpu_compile_gathers_no_full_expert_weights():
     kernels = re.findall(
         r"%(\S+) = [^\n]*custom-call\([^\n]*custom_call_target=\"tpu_custom_call\"", text
     )
-    # the forward's two; the gradient recomputes the first (the second's output is not needed)
-    # and runs two for the inputs' gradients
-    assert sum(n.startswith("gmm") for n in kernels) == 5, kernels
+    # the forward's two; the gradient recomputes both (the routing weights' gradient reads the
+    # experts' outputs) and runs two for the inputs' gradients
+    assert sum(n.startswith("gmm") for n in kernels) == 6, kernels
     assert sum(n.startswith("tgmm") for n in kernels) == 2, kernels
     results = re.findall(r"= ([^=]*?) all-gather(?:-start)?\(", text)
     shapes = [s for r in results for s in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", r)]
-    # the copies go to the chips of their experts and back by ragged all-to-all (forward: there
-    # and back; gradient: the copies and their cotangents there, the gradients back), and no
-    # token row is all-gathered
-    assert len(re.findall(r" ragged-all-to-all(?:-start)?\(", text)) == 5, "ragged-all-to-all"
+    # the copies go to the chips of their experts and back by ragged all-to-all (forward: the
+    # copies and their routing weights there, the weighted outputs back; gradient: the copies,
+    # their weights and their cotangents there, the gradients of both back), and no token row is
+    # all-gathered
+    assert len(re.findall(r" ragged-all-to-all(?:-start)?\(", text)) == 8, "ragged-all-to-all"
     assert not [s for s in shapes if s.endswith(f",{D}")], shapes
     # one expert a chip, split on experts alone: no expert weight is gathered at all
     assert not [s for s in shapes if s.endswith((f",{D},{2 * I}", f",{I},{D}"))], shapes

@@ -232,9 +232,10 @@ def experts_parallel(
         w_down = gather_features(w_down, down_spec)
         # the copies sorted by expert: grouped by destination device; id E (none) last, unsent
         copies, perm, counts = _by_expert(x, experts, E)
+        scales = _take_rows(weights.reshape(-1, 1), *perm)  # each sorted copy's routing weight
         rounds = _Rounds.of(counts.reshape(ep, here), rows, block, mesh.axis_names)
-        out = _unsort(_routed(per_device, rounds, copies, w_gate_up, w_down), perm, experts)
-        return jnp.sum(out * weights[..., None], axis=1)
+        out = _routed(per_device, rounds, copies, scales, w_gate_up, w_down)
+        return jnp.sum(_unsort(out, perm, experts), axis=1)
 
     out = jax.shard_map(
         local,
@@ -342,43 +343,49 @@ class _Rounds:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _routed(run, rounds, copies, w_gate_up, w_down):
-    """Each copy through its expert, on the device that holds the expert: for each round, the
-    window's rows dispatched, the grouped backend run on them (`run(rows, group_sizes,
-    w_gate_up, w_down)`: rows are independent, so computing them a window at a time is computing
-    them at once) and the outputs combined back into this device's copies (zero where no expert).
+def _routed(run, rounds, copies, scales, w_gate_up, w_down):
+    """Each copy through its expert, on the device that holds the expert, times its routing
+    weight (scales float[M, 1]): for each round, the window's rows and scales dispatched, the
+    grouped backend run on the rows (`run(rows, group_sizes, w_gate_up, w_down)`: rows are
+    independent, so computing them a window at a time is computing them at once) and the scaled
+    outputs combined back into this device's copies (zero where no expert).
 
-    The gradient loops over the same rounds: it dispatches the rows and their output cotangents,
-    recomputes the window's forward for its VJP, combines the rows' gradients back and sums the
-    weights' gradients over the rounds in float32."""
-    return _routed_fwd(run, rounds, copies, w_gate_up, w_down)[0]
+    The gradient loops over the same rounds: it dispatches the rows, their scales and their
+    output cotangents, recomputes the window's forward for its VJP and for the scales'
+    gradients, combines both gradients back and sums the weights' gradients over the rounds in
+    float32. Nothing in the gradient reads the forward's output, so a rematerialized step does
+    not run the forward's rounds again for the backward."""
+    return _routed_fwd(run, rounds, copies, scales, w_gate_up, w_down)[0]
 
 
-def _routed_fwd(run, rounds, copies, w_gate_up, w_down):
+def _routed_fwd(run, rounds, copies, scales, w_gate_up, w_down):
     def body(t, out):
         y = run(rounds.dispatch(t, copies), rounds.groups(t), w_gate_up, w_down)
-        return rounds.combine(t, y, out)
+        return rounds.combine(t, y * rounds.dispatch(t, scales), out)
 
     out = jax.lax.fori_loop(0, rounds.trips, body, jnp.zeros_like(copies))
-    return out, (rounds, copies, w_gate_up, w_down)
+    return out, (rounds, copies, scales, w_gate_up, w_down)
 
 
 def _routed_bwd(run, res, g):
-    rounds, copies, w_gate_up, w_down = res
+    rounds, copies, scales, w_gate_up, w_down = res
 
     def body(t, carry):
-        d_copies, d_gate_up, d_down = carry
+        d_copies, d_scales, d_gate_up, d_down = carry
         groups = rounds.groups(t)
         received, g_received = rounds.dispatch(t, copies), rounds.dispatch(t, g)
-        _, vjp = jax.vjp(lambda r, a, b: run(r, groups, a, b), received, w_gate_up, w_down)
-        d_rows, d_a, d_b = vjp(g_received)
+        y, vjp = jax.vjp(lambda r, a, b: run(r, groups, a, b), received, w_gate_up, w_down)
+        d_rows, d_a, d_b = vjp(g_received * rounds.dispatch(t, scales))
         d_copies = rounds.combine(t, d_rows, d_copies)
-        return d_copies, d_gate_up + d_a.astype(jnp.float32), d_down + d_b.astype(jnp.float32)
+        d_scales = rounds.combine(t, jnp.sum(g_received * y, axis=1, keepdims=True), d_scales)
+        d_gate_up = d_gate_up + d_a.astype(jnp.float32)
+        return d_copies, d_scales, d_gate_up, d_down + d_b.astype(jnp.float32)
 
     f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
-    init = (jnp.zeros_like(copies), f32(w_gate_up.shape), f32(w_down.shape))
-    d_copies, d_gate_up, d_down = jax.lax.fori_loop(0, rounds.trips, body, init)
-    return None, d_copies, d_gate_up.astype(w_gate_up.dtype), d_down.astype(w_down.dtype)
+    init = (jnp.zeros_like(copies), jnp.zeros_like(scales), f32(w_gate_up.shape), f32(w_down.shape))
+    d_copies, d_scales, d_gate_up, d_down = jax.lax.fori_loop(0, rounds.trips, body, init)
+    d_gate_up, d_down = d_gate_up.astype(w_gate_up.dtype), d_down.astype(w_down.dtype)
+    return None, d_copies, d_scales, d_gate_up, d_down
 
 
 _routed.defvjp(_routed_fwd, _routed_bwd)
