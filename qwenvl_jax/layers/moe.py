@@ -398,7 +398,13 @@ def _ragged_all_to_all(rows, out, send_off, send, land, recv, *, block):
     after the other in one block (block bounds their sum)."""
 
     def native(rows, out, send_off, send, land, recv):
-        return jax.lax.ragged_all_to_all(rows, out, send_off, send, land, recv, axis_name="expert")
+        # rows as [M, D / 128, 128]: the exchange needs each row contiguous, which libtpu gets
+        # from whole (sublane, 128) tiles here, and from a narrow (2, 128) tiling of [M, D]
+        lanes = (-1, 128) if rows.shape[1] % 128 == 0 else (rows.shape[1],)
+        rows, out_rows = rows.reshape(rows.shape[0], *lanes), out.reshape(out.shape[0], *lanes)
+        args = (send_off, send, land, recv)
+        got = jax.lax.ragged_all_to_all(rows, out_rows, *args, axis_name="expert")
+        return got.reshape(out.shape)
 
     def blocks(rows, out, send_off, send, land, recv):
         ep = jax.lax.axis_size("expert")
