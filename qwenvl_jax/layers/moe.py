@@ -116,15 +116,8 @@ def experts_by_platform(
 ) -> jax.Array:
     """The experts by the backend of the platform compiled for -> float[N, k, D], the output of
     expert experts[n, j] on token n."""
-    return jax.lax.platform_dependent(
-        x,
-        experts,
-        w_gate_up,
-        w_down,
-        cpu=functools.partial(experts_tiled, act=act),
-        tpu=functools.partial(experts_gmm, act=act),
-        default=functools.partial(experts_ragged, act=act),
-    )
+    args = (x, experts, w_gate_up, w_down)
+    return _by_platform(args, act, cpu=experts_tiled, tpu=experts_gmm, default=experts_ragged)
 
 
 def grouped_by_platform(
@@ -133,15 +126,14 @@ def grouped_by_platform(
     """Rows already grouped by expert through their experts, by the backend of the platform
     compiled for: rows float[M, D], the first group_sizes[0] for expert 0, the next for expert
     1, ..., the rows after them of no expert -> float[M, D] (zero after the groups)."""
-    return jax.lax.platform_dependent(
-        rows,
-        group_sizes,
-        w_gate_up,
-        w_down,
-        cpu=functools.partial(grouped_tiled, act=act),
-        tpu=functools.partial(grouped_gmm, act=act),
-        default=functools.partial(grouped_ragged, act=act),
-    )
+    args = (rows, group_sizes, w_gate_up, w_down)
+    return _by_platform(args, act, cpu=grouped_tiled, tpu=grouped_gmm, default=grouped_ragged)
+
+
+def _by_platform(args: tuple, act: str, **backends: Callable) -> jax.Array:
+    """`jax.lax.platform_dependent` over the backends (cpu, tpu, default), each given `act`."""
+    chosen = {name: functools.partial(f, act=act) for name, f in backends.items()}
+    return jax.lax.platform_dependent(*args, **chosen)
 
 
 def splits_experts(mesh: Mesh | None, num_experts: int) -> bool:
